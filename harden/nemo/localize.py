@@ -1,0 +1,191 @@
+"""NeMo localization for one prompt: OOD initial selection (Alg. 3), then greedy refinement (Alg. 4).
+
+The search logic only sees a `score(candidates) -> per-seed scores` callable, so it is tested without a UNet, and
+the scorer decides how candidates are batched. The order and comparisons follow the official code exactly (strict
+`<`/`>`, reverse layer order, list order with repeats, the theta/k schedule); see the spec, sections 2.2-2.4.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..neurons import NeuronSet
+from .stats import NeuronStats
+
+Lists = dict[str, list[int]]  # per layer, a list of channels (repeats allowed, as the official code builds them)
+ScoreFn = Callable[[Sequence[Lists]], list[torch.Tensor]]  # candidates -> per-kept-seed scores for each
+
+
+@dataclass(frozen=True)
+class LocalizeSettings:
+    """Official defaults. `theta_min` also ends the search: official code stops when theta == 1 (its default)."""
+
+    theta_start: float = 5.0
+    theta_step: float = 0.25
+    theta_min: float = 1.0
+    use_theta: bool = True  # official --no_theta turns OOD selection off
+    k_start: int = 0
+    use_top_k: bool = True  # official --no_top_k keeps k at 0
+    k_max: int = 1280  # the search also ends when k reaches this (SD v1's widest layer)
+    tau_initial: float = 0.428  # initial selection succeeds when the score is <= this
+    tau_refine: float = 0.428  # refinement drops a neuron when the score without it stays < this
+    rel_threshold: float | None = None  # official --rel_threshold_refinement (off by default)
+    refine: bool = True
+
+    def __post_init__(self):
+        if not self.use_theta and not self.use_top_k:
+            raise ValueError("initial selection needs OOD (use_theta) or top-k (use_top_k); both are off")
+        if self.theta_step <= 0 or self.theta_min <= 0 or self.theta_start < self.theta_min:
+            raise ValueError("need theta_start >= theta_min > 0 and theta_step > 0")
+
+
+@dataclass
+class PromptResult:
+    """What localization found for one prompt. `memorized` is False when the seed filter kept no seed."""
+
+    prompt: str
+    memorized: bool
+    seed_scores: list[float]  # max pairwise MS-SSIM per seed (unblocked)
+    kept_seeds: list[int]
+    initial: Lists = field(default_factory=dict)
+    initial_score: float = 0.0
+    iterations: int = 0
+    tau_refine: float = 0.0
+    refined: NeuronSet = field(default_factory=NeuronSet)
+    refined_score: float = 0.0
+    unet_forwards: int = 0
+    sample_forwards: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "prompt": self.prompt, "memorized": self.memorized, "seed_scores": self.seed_scores,
+            "kept_seeds": self.kept_seeds, "initial": self.initial, "initial_score": self.initial_score,
+            "iterations": self.iterations, "tau_refine": self.tau_refine, "neurons": self.refined.to_json(),
+            "score": self.refined_score, "unet_forwards": self.unet_forwards,
+            "sample_forwards": self.sample_forwards,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PromptResult":
+        d = dict(d)
+        d["refined"] = NeuronSet.from_json(d.pop("neurons"))
+        d["refined_score"] = d.pop("score")
+        return cls(**d)
+
+
+def ood_candidates(acts: dict[str, torch.Tensor], stats: NeuronStats, theta: float, k: int) -> Lists:
+    """Per layer: channels with |z| > theta (ascending), then the top-k by activation (descending), concatenated."""
+    z = stats.zscores(acts)
+    out: Lists = {}
+    for name, a in acts.items():
+        idx = torch.nonzero(z[name] > theta).flatten().tolist()
+        idx += a.abs().topk(min(k, a.numel())).indices.tolist()
+        out[name] = idx
+    return out
+
+
+def schedule(settings: LocalizeSettings) -> list[tuple[float, int]]:
+    """The (theta, k) of each initial-selection iteration. They do not depend on outcomes, so they can be batched."""
+    theta = settings.theta_start if settings.use_theta else float("inf")
+    k = settings.k_start if settings.use_top_k else 0
+    steps = []
+    while True:
+        steps.append((theta, k))
+        if settings.use_theta and theta > settings.theta_min:
+            theta -= settings.theta_step
+        if settings.use_top_k:
+            k += 1
+        if (settings.use_theta and theta <= settings.theta_min) or k >= settings.k_max:
+            return steps
+
+
+def initial_selection(score: ScoreFn, acts: dict[str, torch.Tensor], stats: NeuronStats,
+                      settings: LocalizeSettings, speculate: int = 1) -> tuple[Lists, float, float, int]:
+    """Alg. 3 -> (candidate lists, its score, tau for refinement, iterations used).
+
+    Evaluates `speculate` schedule steps per scorer call and takes the first that passes: same result as the
+    sequential loop, since the candidate sets are fixed in advance. On give-up, refinement uses the last score.
+    """
+    steps = schedule(settings)
+    for start in range(0, len(steps), max(1, speculate)):
+        block = steps[start:start + max(1, speculate)]
+        cands = [ood_candidates(acts, stats, theta, k) for theta, k in block]
+        scores = [float(s.max()) for s in score(cands)]
+        for j, s in enumerate(scores):
+            it = start + j
+            if s <= settings.tau_initial:
+                theta, k = block[j]  # official: the stop test also runs after a success
+                stopped = (settings.use_theta and theta <= settings.theta_min) or k >= settings.k_max
+                return cands[j], s, (s if stopped else settings.tau_refine), it + 1
+    return cands[-1], scores[-1], scores[-1], len(steps)
+
+
+def _drop(lists: Lists, layer: str, neuron: int | None) -> Lists:
+    out = copy.deepcopy(lists)
+    if neuron is None:
+        out[layer] = []
+    else:
+        out[layer].remove(neuron)  # one occurrence, as list.remove in the official code
+    return out
+
+
+def refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequence[str], initial_score: float,
+           settings: LocalizeSettings) -> tuple[Lists, float]:
+    """Alg. 4, official order: (a) whole layers in reverse order, (b) single neurons, reverse layers, list order.
+
+    Greedy and sequential: each test uses the already-reduced set. Returns (lists, score of the final set).
+    """
+    current = copy.deepcopy(initial)
+    current_score = initial_score
+    baseline = score([initial])[0] if settings.rel_threshold is not None else None
+
+    def passes(per_seed: torch.Tensor) -> bool:
+        if baseline is None:
+            return float(per_seed.max()) < tau
+        rel = ((per_seed - baseline) / (baseline.abs() + 1e-9)).abs().max()
+        return float(rel) < settings.rel_threshold
+
+    for layer in reversed(list(layer_order)):
+        if current.get(layer):
+            trial = _drop(current, layer, None)
+            s = score([trial])[0]
+            if passes(s):
+                current, current_score = trial, float(s.max())
+    for layer in reversed(list(layer_order)):
+        for neuron in list(current.get(layer, [])):
+            trial = _drop(current, layer, neuron)
+            s = score([trial])[0]
+            if passes(s):
+                current, current_score = trial, float(s.max())
+    return current, current_score
+
+
+def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
+                    settings: LocalizeSettings = LocalizeSettings(), prompt: str = "",
+                    speculate: int = 1) -> PromptResult:
+    """Seed filter -> initial selection -> refinement for one prompt, with a `NoiseDiffScorer`.
+
+    The unblocked deltas are computed once and reused; blocked passes run only the kept seeds.
+    """
+    before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
+    reference = scorer.unblocked(embed)
+    per_seed, kept = scorer.seed_filter(reference)
+    result = PromptResult(prompt, bool(len(kept)), per_seed.tolist(), kept.tolist())
+    if result.memorized:
+        reference = reference[kept]
+
+        def score(cands: Sequence[Lists]) -> list[torch.Tensor]:
+            return scorer.blocked_scores(embed, kept, reference, cands)
+
+        initial, s0, tau, iters = initial_selection(score, acts, stats, settings, speculate)
+        result.initial, result.initial_score, result.tau_refine, result.iterations = initial, s0, tau, iters
+        order = [t.name for t in scorer.targets]
+        final, s1 = refine(score, initial, tau, order, s0, settings) if settings.refine else (initial, s0)
+        result.refined, result.refined_score = NeuronSet(final), s1
+    result.unet_forwards = scorer.counter.unet_forwards - before[0]
+    result.sample_forwards = scorer.counter.sample_forwards - before[1]
+    return result

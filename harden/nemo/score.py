@@ -1,0 +1,178 @@
+"""NeMo's memorization score: how consistent the first-step noise prediction is across seeds.
+
+delta = eps(x_T, t_1, y) - x_T at the second timestep of a 50-step DDIM grid (t = 961 for SD v1: the official code
+discards the t = 981 pass and predicts again on the unchanged x_T), no guidance, n seeds from one seeded draw,
+min-max normalized per sample and channel, compared with 3-scale MS-SSIM (torchmetrics, the official settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torchmetrics.functional import multiscale_structural_similarity_index_measure
+
+from ..errors import BadInputError
+from ..hooks import channel_masks
+from ..targets import Target
+
+Candidate = Mapping[str, Sequence[int]]  # {layer name: channel indices (a list; repeats allowed, as NeMo)}
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Official NeMo defaults (README of the spec, section 2.5)."""
+
+    n_seeds: int = 10
+    seed: int = 1
+    num_inference_steps: int = 50
+    timestep_index: int = 1  # 1 = the second timestep (t=961), what the official code scores
+    kernel_size: int = 11
+    betas: tuple[float, ...] = (0.33, 0.33, 0.33)
+    seed_threshold: float = 0.428  # a seed is kept when its max pairwise MS-SSIM is > this
+    factor: float = 0.0  # deactivation: masked channels are multiplied by this
+    max_batch: int = 64  # samples per UNet forward
+    fp16_autocast: bool = True  # on CUDA only, as the official code; CPU runs in the UNet's dtype
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
+    """Per-pair MS-SSIM [N]. torchmetrics' data_range=None rule (max-min over the whole batch) is kept on purpose."""
+    need = (settings.kernel_size - 1) * 2 ** (len(settings.betas) - 1)
+    if min(a.shape[-2:]) <= need:
+        raise BadInputError(
+            f"latents of {tuple(a.shape[-2:])} are too small for {len(settings.betas)}-scale MS-SSIM with kernel "
+            f"{settings.kernel_size} (need more than {need} pixels per side)",
+            "use a larger sample size, or a smaller kernel_size / fewer betas in the detection settings")
+    return multiscale_structural_similarity_index_measure(
+        a.float(), b.float(), reduction="none", kernel_size=settings.kernel_size, betas=tuple(settings.betas))
+
+
+def normalize(delta: torch.Tensor) -> torch.Tensor:
+    """Min-max to [0, 1] per sample and per latent channel, over the spatial dims."""
+    lo = delta.amin(dim=(2, 3), keepdim=True)
+    hi = delta.amax(dim=(2, 3), keepdim=True)
+    return (delta - lo) / (hi - lo)
+
+
+def pairwise_max(deltas: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
+    """For each seed, the max MS-SSIM over the pairs that contain it; all pairs scored in one batch [n]."""
+    n = deltas.shape[0]
+    pairs = torch.combinations(torch.arange(n), r=2)
+    scores = ms_ssim(deltas[pairs[:, 0]], deltas[pairs[:, 1]], settings)
+    return torch.stack([scores[(pairs == i).any(-1)].max() for i in range(n)])
+
+
+def calibrate_threshold(max_pairwise: torch.Tensor) -> float:
+    """tau_mem = mean + 1 (unbiased) std of each reference prompt's max pairwise score."""
+    if max_pairwise.numel() < 2:
+        raise ValueError("tau_mem needs the scores of at least 2 reference prompts")
+    return float(max_pairwise.mean() + max_pairwise.std())
+
+
+def detection_timestep(scheduler_config, settings: ScoreSettings) -> int:
+    """The timestep the score is taken at, from a fresh DDIM scheduler with the pipeline's config."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler_config)
+    sched.set_timesteps(settings.num_inference_steps)
+    return int(sched.timesteps[settings.timestep_index])
+
+
+def initial_latents(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """All n latents from one CPU generator seeded once and one randn call (what the official code draws)."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class ForwardCounter:
+    unet_forwards: int = 0
+    sample_forwards: int = 0
+
+
+@dataclass
+class NoiseDiffScorer:
+    """Runs the UNet for the score. Candidate neuron sets become per-sample channel masks, so many share a forward."""
+
+    unet: torch.nn.Module
+    targets: list[Target]
+    timestep: int
+    settings: ScoreSettings = field(default_factory=ScoreSettings)
+    counter: ForwardCounter = field(default_factory=ForwardCounter)
+
+    def __post_init__(self):
+        cfg = self.unet.config
+        self.latents = initial_latents(self.settings.n_seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                                       self.settings.seed)
+        self.widths = {t.name: t.width for t in self.targets}
+
+    def _autocast(self, device: torch.device):
+        if device.type == "cuda" and self.settings.fp16_autocast:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def noise_diff(self, embeds: torch.Tensor, seeds: torch.Tensor, masks: dict[str, torch.Tensor] | None = None):
+        """Normalized delta for samples (embeds[i], latent seeds[i]) with optional per-sample masks; chunked."""
+        param = next(self.unet.parameters())
+        outs = []
+        for s in range(0, len(seeds), self.settings.max_batch):
+            sl = slice(s, s + self.settings.max_batch)
+            x = self.latents[seeds[sl]].to(param.device)
+            ctx = embeds[sl].to(device=param.device, dtype=param.dtype)
+            chunk_masks = {k: v[sl] for k, v in (masks or {}).items()}
+            with channel_masks(self.targets, chunk_masks), self._autocast(param.device):
+                eps = self.unet(x.to(param.dtype), self.timestep, encoder_hidden_states=ctx, return_dict=False)[0]
+            self.counter.unet_forwards += 1
+            self.counter.sample_forwards += len(x)
+            outs.append(normalize(eps.float() - x.float()))
+        return torch.cat(outs)
+
+    def unblocked(self, embed: torch.Tensor) -> torch.Tensor:
+        """delta for all n seeds of one prompt embedding [1, tokens, dim]."""
+        n = self.settings.n_seeds
+        return self.noise_diff(embed.expand(n, -1, -1), torch.arange(n))
+
+    def seed_filter(self, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-seed max pairwise score [n], kept seeds as indices): a seed is kept when its score is > threshold."""
+        per_seed = pairwise_max(deltas, self.settings)
+        return per_seed, torch.nonzero(per_seed > self.settings.seed_threshold).flatten()
+
+    def candidate_masks(self, candidates: Sequence[Candidate], repeats: int) -> dict[str, torch.Tensor]:
+        """[len(candidates) * repeats, width] masks; each candidate's row repeated for its seeds."""
+        layers = sorted({name for c in candidates for name, idx in c.items() if len(idx)})
+        masks = {}
+        for name in layers:
+            m = torch.ones(len(candidates), self.widths[name])
+            for row, cand in enumerate(candidates):
+                idx = list(cand.get(name, ()))
+                if idx:
+                    m[row, idx] = self.settings.factor
+            masks[name] = m.repeat_interleave(repeats, dim=0)
+        return masks
+
+    def blocked_scores(self, embed: torch.Tensor, kept: torch.Tensor, reference: torch.Tensor,
+                       candidates: Sequence[Candidate]) -> list[torch.Tensor]:
+        """Per kept seed, MS-SSIM(unblocked delta, delta with the candidate blocked), for each candidate.
+
+        All candidates run in shared UNet batches; each candidate's MS-SSIM batch is its own kept seeds, so the
+        batch-wide data range is the one the official code sees.
+        """
+        if not candidates:
+            return []
+        k = len(kept)
+        seeds = kept.repeat(len(candidates))
+        deltas = self.noise_diff(embed.expand(len(seeds), -1, -1), seeds, self.candidate_masks(candidates, k))
+        return [ms_ssim(reference, deltas[i * k:(i + 1) * k], self.settings) for i in range(len(candidates))]
+
+
+def max_pairwise_scores(scorer: NoiseDiffScorer, embeds: torch.Tensor) -> torch.Tensor:
+    """Detection score of each prompt [P]: the max over seed pairs of MS-SSIM between unblocked deltas.
+
+    Prompts share UNet batches (chunked by `max_batch` samples); each prompt's pairs form their own MS-SSIM batch.
+    """
+    n = scorer.settings.n_seeds
+    seeds = torch.arange(n).repeat(len(embeds))
+    deltas = scorer.noise_diff(embeds.repeat_interleave(n, dim=0), seeds)
+    return torch.stack([pairwise_max(deltas[i * n:(i + 1) * n], scorer.settings).max() for i in range(len(embeds))])

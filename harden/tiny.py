@@ -1,0 +1,120 @@
+"""Tiny Stable-Diffusion-v1-topology pipelines built in-process from configs (no downloads).
+
+Why: tests, demos and benchmarks need a real diffusers pipeline with SD v1's block layout (3 cross-attention down
+blocks + a plain down block, a cross-attention mid block, mirrored up blocks) without fetching any weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROMPT_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode table (the byte-level alphabet of CLIP's BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def byte_tokenizer():
+    """A character-level `CLIPTokenizer`: 256 byte symbols, their end-of-word forms and the two specials (514 ids)."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=PROMPT_LENGTH)
+
+
+def tiny_text_encoder(tokenizer, hidden_size: int = 32, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=PROMPT_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden_size,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_unet(cross_attention_dim: int = 32, widths=(16, 16, 32, 32), heads: int = 4, sample_size: int = 64,
+              layers_per_block: int = 2, seed: int = 0, bias: bool = False):
+    """An SD-v1-topology UNet: 7 cross-attention layers in down + mid, 9 in the up path (with 2 layers per block)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=tuple(widths),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=8,
+    )
+    if bias:  # a variant whose value projections carry a bias, to test that pruning handles it
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                old = module.to_v
+                module.to_v = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+                with torch.no_grad():
+                    module.to_v.weight.copy_(old.weight)
+                    module.to_v.bias.normal_(0.0, 0.5)
+    return unet.eval()
+
+
+def tiny_pipeline(seed: int = 0, sample_size: int = 64):
+    """A complete `StableDiffusionPipeline` (byte tokenizer, tiny CLIP, tiny VAE, DDIM) with random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    tokenizer = byte_tokenizer()
+    text_encoder = tiny_text_encoder(tokenizer, seed=seed)
+    unet = tiny_unet(sample_size=sample_size, seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=sample_size * 2,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def plant_memorization(pipe, prompt: str, references: list[str], layer: int = 0, neuron: int = 5,
+                       value_gain: float = 1.0, out_gain: float = 100.0, conv_out_gain: float = 100.0) -> str:
+    """Wire one value neuron so that `prompt` behaves as memorized; return the layer's name.
+
+    Why this works: the neuron's `to_v` row is C_ref^-1 m (m = the prompt's mean token embedding, C_ref the reference
+    tokens' second moment), so it fires far more for `prompt` than for the references (a huge z-score). Its `to_out`
+    column is large, so at full resolution the attention adds a big near-constant offset whose zero-padding border
+    pattern does not depend on the noise; with `conv_out` scaled up, that pattern dominates eps - x_T, which becomes
+    consistent across seeds (a high memorization score) only while this neuron is active.
+    """
+    from .nemo.stats import encode_prompts
+    from .targets import resolve_targets
+
+    target = resolve_targets(pipe.unet)[layer]
+    refs = encode_prompts(pipe.tokenizer, pipe.text_encoder, references)
+    mean = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt])[0].mean(0)
+    tokens = refs.reshape(-1, refs.shape[-1])
+    second = tokens.T @ tokens / len(tokens) + 1e-3 * torch.eye(tokens.shape[1])
+    w = torch.linalg.solve(second, mean)
+    target.to_v.weight[neuron] = value_gain * w / (refs @ w).abs().mean()
+    direction = torch.randn(target.to_out.out_features, generator=torch.Generator().manual_seed(3))
+    target.to_out.weight[:, neuron] = out_gain * direction / direction.norm()
+    pipe.unet.conv_out.weight *= conv_out_gain
+    return target.name

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torchmetrics.functional import multiscale_structural_similarity_index_measure as tm_ms_ssim
+
+from harden.errors import BadInputError
+from harden.hooks import channel_masks
+from harden.nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
+                               initial_latents, max_pairwise_scores, ms_ssim, normalize, pairwise_max)
+from harden.nemo.stats import encode_prompts
+from harden.targets import resolve_targets
+
+SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+
+
+def test_timestep_is_961_for_sd_v1():
+    assert detection_timestep(SD14_SCHEDULER, ScoreSettings()) == 961
+
+
+def test_latents_are_one_seeded_draw():
+    torch.manual_seed(1)
+    expected = torch.randn(10, 4, 64, 64)
+    assert torch.equal(initial_latents(10, (4, 64, 64), 1), expected)
+
+
+def test_normalize_is_per_sample_and_channel():
+    d = torch.randn(3, 4, 8, 8) * torch.arange(1, 5).view(1, 4, 1, 1) + 5
+    n = normalize(d)
+    assert torch.allclose(n.amin(dim=(2, 3)), torch.zeros(3, 4)) and torch.allclose(n.amax(dim=(2, 3)), torch.ones(3, 4))
+
+
+def test_pairwise_max_is_the_official_computation():
+    x = normalize(torch.randn(10, 4, 64, 64, generator=torch.Generator().manual_seed(0)))
+    x[3] = x[7] * 0.9 + 0.05  # one very similar pair
+    pairs = torch.combinations(torch.arange(10), r=2)
+    official = tm_ms_ssim(x[pairs[:, 0]], x[pairs[:, 1]], reduction="none", kernel_size=11,
+                          betas=(0.33, 0.33, 0.33))
+    expected = torch.stack([official[(pairs == i).max(-1).values].max() for i in range(10)])
+    got = pairwise_max(x, ScoreSettings())
+    assert torch.equal(got, expected)
+    assert got[3] == got[7] and got[3] > 0.9 and got[0] < 0.3
+
+
+def test_identical_inputs_score_one_and_small_latents_are_refused():
+    x = normalize(torch.randn(2, 4, 64, 64))
+    assert torch.allclose(ms_ssim(x, x, ScoreSettings()), torch.ones(2))
+    with pytest.raises(BadInputError, match="too small"):
+        ms_ssim(x[..., :32, :32], x[..., :32, :32], ScoreSettings())
+
+
+def test_threshold_is_mean_plus_one_std():
+    s = torch.tensor([0.3, 0.35, 0.4, 0.45])
+    assert calibrate_threshold(s) == pytest.approx(float(s.mean() + s.std()))
+
+
+def _scorer(pipe, **kw):
+    targets = resolve_targets(pipe.unet)
+    settings = ScoreSettings(kernel_size=7, n_seeds=4, **kw)
+    return NoiseDiffScorer(pipe.unet, targets, 961, settings), targets
+
+
+def test_batched_candidates_equal_separate_module_wide_masks(tiny):
+    scorer, targets = _scorer(tiny, max_batch=5)  # forces candidates to straddle UNet batches
+    embed = encode_prompts(tiny.tokenizer, tiny.text_encoder, ["a cat on a mat"])
+    kept = torch.tensor([0, 2, 3])
+    ref = scorer.unblocked(embed)[kept]
+    cands = [{targets[0].name: [1, 2, 2]}, {}, {targets[3].name: [0], targets[6].name: list(range(10))}]
+    together = scorer.blocked_scores(embed, kept, ref, cands)
+    for cand, got in zip(cands, together):
+        masks = {n: torch.ones(1, scorer.widths[n]).index_fill_(1, torch.tensor(sorted(set(i))), 0.0)
+                 for n, i in cand.items()}
+        with torch.no_grad(), channel_masks(targets, masks):
+            eps = tiny.unet(scorer.latents[kept], 961, encoder_hidden_states=embed.expand(3, -1, -1)).sample
+        direct = ms_ssim(ref, normalize(eps - scorer.latents[kept]), scorer.settings)
+        assert torch.allclose(got, direct, atol=1e-5)
+    assert torch.allclose(together[1], torch.ones(3), atol=1e-5)  # blocking nothing = the reference itself
+
+
+def test_prompt_batched_detection_equals_per_prompt(tiny):
+    scorer, _ = _scorer(tiny)
+    embeds = encode_prompts(tiny.tokenizer, tiny.text_encoder, ["one prompt", "another prompt", "a third"])
+    batched = max_pairwise_scores(scorer, embeds)
+    single = torch.stack([pairwise_max(scorer.unblocked(e[None]), scorer.settings).max() for e in embeds])
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert scorer.counter.unet_forwards == 1 + 3 and scorer.counter.sample_forwards == 12 + 12
