@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from harden.neurons import NeuronSet
-from harden.nemo.localize import (LocalizeSettings, initial_selection, ood_candidates, refine, schedule)
+from harden.nemo.localize import (LocalizeSettings, PromptResult, initial_selection, ood_candidates, refine, schedule,
+                                  union_of)
 from harden.nemo.stats import NeuronStats
 
 from official_order import official_localize, synthetic_scorer
@@ -109,3 +110,11 @@ def test_settings_are_validated():
         LocalizeSettings(use_theta=False, use_top_k=False)
     with pytest.raises(ValueError):
         LocalizeSettings(theta_step=0)
+
+
+def test_results_round_trip_and_union():
+    a = PromptResult("p", True, [0.5, 0.6], [1], {"x": [2, 2]}, 0.2, 1, 0.428, NeuronSet({"x": (2,)}), 0.2, 4, 40)
+    b = PromptResult("q", True, [0.7], [0], {}, 0.1, 2, 0.428, NeuronSet({"x": (3,), "y": (1,)}), 0.1, 6, 60)
+    c = PromptResult("r", False, [0.1], [])
+    assert PromptResult.from_json(a.to_json()) == a
+    assert union_of([a, b, c]) == NeuronSet({"x": (2, 3), "y": (1,)})

@@ -189,3 +189,8 @@ def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], 
     result.unet_forwards = scorer.counter.unet_forwards - before[0]
     result.sample_forwards = scorer.counter.sample_forwards - before[1]
     return result
+
+
+def union_of(results: Sequence[PromptResult]) -> NeuronSet:
+    """The neurons to prune for a whole prompt set: the union of the per-prompt refined sets."""
+    return NeuronSet().union(*(r.refined for r in results))

@@ -103,8 +103,8 @@ class NoiseDiffScorer:
 
     def __post_init__(self):
         cfg = self.unet.config
-        self.latents = initial_latents(self.settings.n_seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                                       self.settings.seed)
+        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+        self.latents = initial_latents(self.settings.n_seeds, (cfg.in_channels, *size), self.settings.seed)
         self.widths = {t.name: t.width for t in self.targets}
 
     def _autocast(self, device: torch.device):
