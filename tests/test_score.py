@@ -84,3 +84,15 @@ def test_prompt_batched_detection_equals_per_prompt(tiny):
     single = torch.stack([pairwise_max(scorer.unblocked(e[None]), scorer.settings).max() for e in embeds])
     assert torch.allclose(batched, single, atol=1e-5)
     assert scorer.counter.unet_forwards == 1 + 3 and scorer.counter.sample_forwards == 12 + 12
+
+
+def test_broadcast_mask_spans_unet_chunks(tiny):
+    scorer, targets = _scorer(tiny, max_batch=3)
+    embed = encode_prompts(tiny.tokenizer, tiny.text_encoder, ["a cat on a mat"])
+    name = targets[1].name
+    broadcast = {name: torch.ones(1, scorer.widths[name]).index_fill_(1, torch.tensor([0, 4]), 0.0)}
+    per_sample = {name: broadcast[name].expand(4, -1)}
+    seeds = torch.arange(4)
+    a = scorer.noise_diff(embed.expand(4, -1, -1), seeds, broadcast)
+    b = scorer.noise_diff(embed.expand(4, -1, -1), seeds, per_sample)
+    assert torch.allclose(a, b, atol=1e-6) and scorer.counter.unet_forwards == 4

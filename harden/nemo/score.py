@@ -121,7 +121,7 @@ class NoiseDiffScorer:
             sl = slice(s, s + self.settings.max_batch)
             x = self.latents[seeds[sl]].to(param.device)
             ctx = embeds[sl].to(device=param.device, dtype=param.dtype)
-            chunk_masks = {k: v[sl] for k, v in (masks or {}).items()}
+            chunk_masks = {k: (v if v.shape[0] == 1 else v[sl]) for k, v in (masks or {}).items()}  # [1, w] broadcasts
             with channel_masks(self.targets, chunk_masks), self._autocast(param.device):
                 eps = self.unet(x.to(param.dtype), self.timestep, encoder_hidden_states=ctx, return_dict=False)[0]
             self.counter.unet_forwards += 1
