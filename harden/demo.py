@@ -8,14 +8,12 @@ prompt's memorization score below the calibrated threshold.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import compact_unet
 from .errors import BadInputError
@@ -67,8 +65,8 @@ def run_demo(out: Path | None, log=print) -> dict:
 
     neurons = result.refined
     compact, dense = prune_compact(pipe.unet, neurons), prune_dense(pipe.unet, neurons)
-    after = max_pairwise_scores(NoiseDiffScorer(compact, resolve_targets(dense), scorer.timestep, scorer.settings),
-                                embeds[:1])
+    unmasked = NoiseDiffScorer(compact, [], scorer.timestep, scorer.settings)  # nothing is masked after pruning
+    after = max_pairwise_scores(unmasked, embeds[:1])
     x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y_dense = dense(x, scorer.timestep, encoder_hidden_states=embeds[1:3]).sample
@@ -95,10 +93,12 @@ def _write(out: Path, pipe, compact, dense, result, summary) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         base_unet = pipe.unet
-        for layout, unet in (("dense", dense), ("compact", compact)):
-            pipe.unet = unet
-            pipe.save_pretrained(tmp / layout, safe_serialization=True)
-        pipe.unet = base_unet
+        try:
+            for layout, unet in (("dense", dense), ("compact", compact)):
+                pipe.unet = unet
+                pipe.save_pretrained(tmp / layout, safe_serialization=True)
+        finally:
+            pipe.unet = base_unet
         shutil.copy(compact_unet.__file__, tmp / "compact" / "unet" / "compact_unet.py")
         index_path = tmp / "compact" / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -106,8 +106,6 @@ def _write(out: Path, pipe, compact, dense, result, summary) -> None:
         index_path.write_text(json.dumps(index, indent=2))
         (tmp / "neurons.json").write_text(json.dumps({result.prompt: result.to_json()}, indent=2))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        save_file({"x": torch.zeros(1)}, tmp / ".complete.safetensors")
-        os.remove(tmp / ".complete.safetensors")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,9 +34,8 @@ def prune_dense(unet, neurons: NeuronSet, factor: float = 0.0):
     """A copy of `unet` with the neurons' value rows (and bias entries) multiplied by `factor` (0 = removed)."""
     _validated(unet, neurons)
     pruned = copy.deepcopy(unet)
-    targets = {t.name: t for t in resolve_targets(pruned, SELECT_ALL)}
     for name, idx in neurons.layers.items():
-        to_v = targets[name].to_v
+        to_v = pruned.get_submodule(name).to_v
         to_v.weight[list(idx)] *= factor
         if to_v.bias is not None:
             to_v.bias[list(idx)] *= factor
@@ -45,8 +44,7 @@ def prune_dense(unet, neurons: NeuronSet, factor: float = 0.0):
 
 def kept_channels(unet, neurons: NeuronSet) -> dict[str, list[int]]:
     targets = _validated(unet, neurons)
-    return {name: [c for c in range(targets[name].width) if c not in set(idx)]
-            for name, idx in neurons.layers.items()}
+    return {name: sorted(set(range(targets[name].width)) - set(idx)) for name, idx in neurons.layers.items()}
 
 
 @torch.no_grad()
