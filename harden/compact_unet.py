@@ -13,10 +13,16 @@ back; padded channels are zeros, so the result equals the base model with the re
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401 - ModelMixin: diffusers' class check (below)
+
+# Exports name this module "compact_unet" in model_index.json. With harden installed, registering it under that
+# name lets `DiffusionPipeline.from_pretrained(repo, unet=CompactUNet2DConditionModel.from_pretrained(...))` load
+# without remote code: diffusers resolves the library "compact_unet" from sys.modules and checks against ModelMixin.
+sys.modules.setdefault("compact_unet", sys.modules[__name__])
 
 
 class CompactValueAttnProcessor:

@@ -8,20 +8,28 @@ prompt's memorization score below the calibrated threshold.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from . import compact_unet
 from .errors import BadInputError
-from .neurons import NeuronSet
+from .export import atomic_folder, save_pipeline
 from .nemo.localize import LocalizeSettings, localize_prompt
-from .nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
-                         max_pairwise_scores)
-from .nemo.stats import compute_stats, encode_prompts, iter_embeddings, value_activations
+from .nemo.score import (
+    NoiseDiffScorer,
+    ScoreSettings,
+    calibrate_threshold,
+    detection_timestep,
+    max_pairwise_scores,
+)
+from .nemo.stats import (
+    compute_stats,
+    encode_prompts,
+    iter_embeddings,
+    value_activations,
+)
+from .neurons import NeuronSet
 from .prune import prune_compact, prune_dense
 from .targets import resolve_targets
 from .tiny import plant_memorization, tiny_pipeline
@@ -88,25 +96,9 @@ def run_demo(out: Path | None, log=print) -> dict:
 
 
 def _write(out: Path, pipe, compact, dense, result, summary) -> None:
-    """Everything goes to a temporary sibling folder that is renamed into place at the end."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        base_unet = pipe.unet
-        try:
-            for layout, unet in (("dense", dense), ("compact", compact)):
-                pipe.unet = unet
-                pipe.save_pretrained(tmp / layout, safe_serialization=True)
-        finally:
-            pipe.unet = base_unet
-        shutil.copy(compact_unet.__file__, tmp / "compact" / "unet" / "compact_unet.py")
-        index_path = tmp / "compact" / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["unet"] = ["compact_unet", compact_unet.CompactUNet2DConditionModel.__name__]  # custom code in unet/
-        index_path.write_text(json.dumps(index, indent=2))
+    """Both layouts, neurons.json and summary.json, in a temporary sibling folder renamed into place at the end."""
+    with atomic_folder(out) as tmp:
+        save_pipeline(pipe, dense, tmp / "dense", "dense")
+        save_pipeline(pipe, compact, tmp / "compact", "compact")
         (tmp / "neurons.json").write_text(json.dumps({result.prompt: result.to_json()}, indent=2))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -62,7 +62,7 @@ class NeuronSet:
                 raise ValueError(f"neuron {idx[-1]} is out of range for {name} (width {widths[name]})")
 
     def masks(self, widths: Mapping[str, int], factor: float = 0.0) -> dict[str, torch.Tensor]:
-        """[1, width] multiplicative masks: `factor` at the set's channels, 1 elsewhere (layers not in the set omitted)."""
+        """[1, width] multiplicative masks: `factor` at the set's channels, 1 elsewhere (other layers omitted)."""
         self.check_against(widths)
         out = {}
         for name, idx in self.layers.items():

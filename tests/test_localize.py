@@ -6,7 +6,7 @@ from harden.nemo.localize import (LocalizeSettings, PromptResult, initial_select
                                   union_of)
 from harden.nemo.stats import NeuronStats
 
-from official_order import official_localize, synthetic_scorer
+from harden.nemo.reference import official_localize, synthetic_scorer
 
 WIDTHS = [16, 16, 24, 24, 32, 32, 32]
 NAMES = [f"layer{i}" for i in range(len(WIDTHS))]
@@ -83,7 +83,7 @@ def test_refinement_finds_known_neurons_and_is_strict():
     truth = {("a", 2), ("b", 7)}
 
     def score(cands):  # memorization stays removed only while both true neurons are blocked
-        return [torch.tensor([0.1 if all(n in c.get(l, []) for l, n in truth) else 0.9]) for c in cands]
+        return [torch.tensor([0.1 if all(n in c.get(layer, []) for layer, n in truth) else 0.9]) for c in cands]
 
     initial = {"a": [0, 2, 5], "b": [7, 1]}
     final, s = refine(score, initial, 0.5, ["a", "b"], 0.1, LocalizeSettings())

@@ -27,7 +27,8 @@ def test_latents_are_one_seeded_draw():
 def test_normalize_is_per_sample_and_channel():
     d = torch.randn(3, 4, 8, 8) * torch.arange(1, 5).view(1, 4, 1, 1) + 5
     n = normalize(d)
-    assert torch.allclose(n.amin(dim=(2, 3)), torch.zeros(3, 4)) and torch.allclose(n.amax(dim=(2, 3)), torch.ones(3, 4))
+    assert torch.allclose(n.amin(dim=(2, 3)), torch.zeros(3, 4))
+    assert torch.allclose(n.amax(dim=(2, 3)), torch.ones(3, 4))
 
 
 def test_pairwise_max_is_the_official_computation():

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..neurons import NeuronSet
+from .batching import resolve_batching
 from .stats import NeuronStats
 
 Lists = dict[str, list[int]]  # per layer, a list of channels (repeats allowed, as the official code builds them)
@@ -133,14 +134,57 @@ def _drop(lists: Lists, layer: str, neuron: int | None) -> Lists:
     return out
 
 
+def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials: Sequence[Callable[[Lists], Lists]],
+                       passes: Callable[[torch.Tensor], bool], block: int = 1) -> tuple[Lists, float]:
+    """Apply `trials` greedily in order (trial i is kept when `passes(score(trial_i(state)))`), batched.
+
+    Why it is exact: up to `block` trials are evaluated in one scorer call, each built on the state that the
+    predicted outcomes of the trials before it would give. Outcomes are read in order until the first wrong
+    prediction; that trial's own set was still built on the true state, so its outcome counts too, and the rest is
+    re-speculated from there. Every decision therefore uses the set the sequential loop would use. The prediction
+    is the majority outcome so far (ties: pass), and the block shrinks to twice the last useful run when
+    predictions fail, so a wrong guess wastes little.
+    """
+    outcomes = [0, 0]  # fails, passes
+    size = max(1, block)
+    i = 0
+    while i < len(trials):
+        guess = outcomes[1] >= outcomes[0]
+        cands, s = [], state
+        for trial in trials[i:i + size]:
+            cands.append(trial(s))
+            if guess:
+                s = cands[-1]
+        used = 0
+        for cand, per_seed in zip(cands, score(cands)):
+            ok = passes(per_seed)
+            used += 1
+            outcomes[ok] += 1
+            if ok:
+                state, state_score = cand, float(per_seed.max())
+            if ok != guess:
+                break
+        i += used
+        size = max(1, min(block, 2 * used))
+    return state, state_score
+
+
+def _drop_layer(layer: str) -> Callable[[Lists], Lists]:
+    return lambda lists: _drop(lists, layer, None)
+
+
+def _drop_neuron(layer: str, neuron: int) -> Callable[[Lists], Lists]:
+    return lambda lists: _drop(lists, layer, neuron)
+
+
 def refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequence[str], initial_score: float,
-           settings: LocalizeSettings) -> tuple[Lists, float]:
+           settings: LocalizeSettings, block: int = 1) -> tuple[Lists, float]:
     """Alg. 4, official order: (a) whole layers in reverse order, (b) single neurons, reverse layers, list order.
 
-    Greedy and sequential: each test uses the already-reduced set. Returns (lists, score of the final set).
+    Greedy: each test uses the already-reduced set. `block` > 1 evaluates that many trials per scorer call
+    (`speculative_greedy`), with the same decisions. Returns (lists, score of the final set).
     """
     current = copy.deepcopy(initial)
-    current_score = initial_score
     baseline = score([initial])[0] if settings.rel_threshold is not None else None
 
     def passes(per_seed: torch.Tensor) -> bool:
@@ -149,46 +193,53 @@ def refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequence[str
         rel = ((per_seed - baseline) / (baseline.abs() + 1e-9)).abs().max()
         return float(rel) < settings.rel_threshold
 
-    for layer in reversed(list(layer_order)):
-        if current.get(layer):
-            trial = _drop(current, layer, None)
-            s = score([trial])[0]
-            if passes(s):
-                current, current_score = trial, float(s.max())
-    for layer in reversed(list(layer_order)):
-        for neuron in list(current.get(layer, [])):
-            trial = _drop(current, layer, neuron)
-            s = score([trial])[0]
-            if passes(s):
-                current, current_score = trial, float(s.max())
-    return current, current_score
+    layers = [layer for layer in reversed(list(layer_order)) if current.get(layer)]
+    current, current_score = speculative_greedy(score, current, initial_score, [_drop_layer(x) for x in layers],
+                                                passes, block)
+    # a layer's list only changes during its own turn, so the whole neuron-level sequence is known here
+    trials = [_drop_neuron(layer, n) for layer in reversed(list(layer_order)) for n in list(current.get(layer, []))]
+    return speculative_greedy(score, current, current_score, trials, passes, block)
 
 
 def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
                     settings: LocalizeSettings = LocalizeSettings(), prompt: str = "",
-                    speculate: int = 1) -> PromptResult:
-    """Seed filter -> initial selection -> refinement for one prompt, with a `NoiseDiffScorer`.
+                    speculate: int | None = None, *, refine_block: int | None = None,
+                    batch_size: int | None = None, unblocked: torch.Tensor | None = None) -> PromptResult:
+    """Seed filter -> initial selection -> refinement for one prompt, with a `NoiseDiffScorer` (exact mode).
 
-    The unblocked deltas are computed once and reused; blocked passes run only the kept seeds.
+    The unblocked deltas are computed once (or passed in as `unblocked`, e.g. from a batched detection pass) and
+    reused; blocked passes run only the kept seeds. `speculate` (initial-selection steps per forward),
+    `refine_block` (speculative refinement trials per forward) and `batch_size` (samples per forward) default to
+    `batching.resolve_batching`: sequential on CPU, from free memory on CUDA. Results never depend on them.
     """
     before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
-    reference = scorer.unblocked(embed)
+    reference = scorer.unblocked(embed) if unblocked is None else unblocked
     per_seed, kept = scorer.seed_filter(reference)
     result = PromptResult(prompt, bool(len(kept)), per_seed.tolist(), kept.tolist())
     if result.memorized:
         reference = reference[kept]
+        plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block)
 
         def score(cands: Sequence[Lists]) -> list[torch.Tensor]:
-            return scorer.blocked_scores(embed, kept, reference, cands)
+            return scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
 
-        initial, s0, tau, iters = initial_selection(score, acts, stats, settings, speculate)
+        initial, s0, tau, iters = initial_selection(score, acts, stats, settings, plan.speculate)
         result.initial, result.initial_score, result.tau_refine, result.iterations = initial, s0, tau, iters
         order = [t.name for t in scorer.targets]
-        final, s1 = refine(score, initial, tau, order, s0, settings) if settings.refine else (initial, s0)
+        final, s1 = (refine(score, initial, tau, order, s0, settings, plan.refine_block) if settings.refine
+                     else (initial, s0))
         result.refined, result.refined_score = NeuronSet(final), s1
     result.unet_forwards = scorer.counter.unet_forwards - before[0]
     result.sample_forwards = scorer.counter.sample_forwards - before[1]
     return result
+
+
+def unblocked_deltas(scorer, embeds: torch.Tensor, batch_size: int | None = None) -> list[torch.Tensor]:
+    """The unblocked deltas of many prompts [P, tokens, dim] in shared UNet batches (pass each to `unblocked=`)."""
+    n = scorer.settings.n_seeds
+    deltas = scorer.noise_diff(embeds.repeat_interleave(n, dim=0), torch.arange(n).repeat(len(embeds)),
+                               max_batch=batch_size)
+    return list(deltas.split(n))
 
 
 def union_of(results: Sequence[PromptResult]) -> NeuronSet:

@@ -113,12 +113,15 @@ class NoiseDiffScorer:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def noise_diff(self, embeds: torch.Tensor, seeds: torch.Tensor, masks: dict[str, torch.Tensor] | None = None):
-        """Normalized delta for samples (embeds[i], latent seeds[i]) with optional per-sample masks; chunked."""
+    def noise_diff(self, embeds: torch.Tensor, seeds: torch.Tensor, masks: dict[str, torch.Tensor] | None = None,
+                   max_batch: int | None = None):
+        """Normalized delta for samples (embeds[i], latent seeds[i]) with optional per-sample masks; chunked by
+        `max_batch` samples (default: the settings')."""
         param = next(self.unet.parameters())
+        chunk = max_batch or self.settings.max_batch
         outs = []
-        for s in range(0, len(seeds), self.settings.max_batch):
-            sl = slice(s, s + self.settings.max_batch)
+        for s in range(0, len(seeds), chunk):
+            sl = slice(s, s + chunk)
             x = self.latents[seeds[sl]].to(param.device)
             ctx = embeds[sl].to(device=param.device, dtype=param.dtype)
             chunk_masks = {k: (v if v.shape[0] == 1 else v[sl]) for k, v in (masks or {}).items()}  # [1, w] broadcasts
@@ -153,7 +156,7 @@ class NoiseDiffScorer:
         return masks
 
     def blocked_scores(self, embed: torch.Tensor, kept: torch.Tensor, reference: torch.Tensor,
-                       candidates: Sequence[Candidate]) -> list[torch.Tensor]:
+                       candidates: Sequence[Candidate], max_batch: int | None = None) -> list[torch.Tensor]:
         """Per kept seed, MS-SSIM(unblocked delta, delta with the candidate blocked), for each candidate.
 
         All candidates run in shared UNet batches; each candidate's MS-SSIM batch is its own kept seeds, so the
@@ -163,7 +166,8 @@ class NoiseDiffScorer:
             return []
         k = len(kept)
         seeds = kept.repeat(len(candidates))
-        deltas = self.noise_diff(embed.expand(len(seeds), -1, -1), seeds, self.candidate_masks(candidates, k))
+        deltas = self.noise_diff(embed.expand(len(seeds), -1, -1), seeds, self.candidate_masks(candidates, k),
+                                 max_batch)
         return [ms_ssim(reference, deltas[i * k:(i + 1) * k], self.settings) for i in range(len(candidates))]
 
 

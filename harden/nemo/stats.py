@@ -30,6 +30,7 @@ def iter_embeddings(tokenizer, text_encoder, prompts: Sequence[str], batch_size:
         yield encode_prompts(tokenizer, text_encoder, prompts[start:start + batch_size])
 
 
+@torch.no_grad()
 def value_activations(embeds: torch.Tensor, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
     """a_i(y) = mean over all token positions (padding included, as NeMo) of |to_v(E)_i|, per layer: [B, width]."""
     out = {}

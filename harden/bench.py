@@ -1,0 +1,368 @@
+"""`harden bench`: localization in the official execution order, exact mode and fast mode, timed in one run.
+
+Why one run: the machine (and on CPU, whoever else uses it) changes between runs, so each mode's speed-up is only
+meaningful against a reference measured in the same process on the same prompts. Forward counts are printed next to
+wall times because they are deterministic: they are what the tests check, timings are what a user wants.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import torch
+import typer
+
+from .errors import BadInputError, HardenError
+from .nemo.fast import compare_modes, localize_prompt_fast
+from .nemo.localize import LocalizeSettings, PromptResult, localize_prompt, ood_candidates, schedule
+from .nemo.reference import reference_localize_prompt
+from .nemo.score import NoiseDiffScorer, ScoreSettings, detection_timestep
+from .nemo.stats import NeuronStats, compute_stats, encode_prompts, iter_embeddings, value_activations
+from .targets import resolve_targets
+
+MEMORIZER = Path(__file__).parent / "zoo" / "memorizer"
+MODES = ("reference", "exact", "fast")
+CROSS_ATTENTION_GAIN = 10.0
+SD14 = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            layers_per_block=2)  # SD v1.4's UNet config (diffusers' defaults give its block types)
+
+
+@dataclass
+class Workload:
+    """What is localized: a scorer over the model, statistics, and per prompt (text, embedding, acts, settings)."""
+
+    name: str
+    scorer_settings: ScoreSettings
+    unet: torch.nn.Module
+    timestep: int
+    stats: NeuronStats
+    prompts: list[tuple[str, torch.Tensor, dict[str, torch.Tensor], LocalizeSettings]]
+    notes: list[str]
+    setup_seconds: dict[str, float]
+
+    def scorer(self) -> NoiseDiffScorer:
+        return NoiseDiffScorer(self.unet, resolve_targets(self.unet), self.timestep, self.scorer_settings)
+
+
+def kernel_for(size: int) -> int:
+    """The official 11-pixel MS-SSIM window, or the largest odd one that 3 scales allow on smaller latents."""
+    k = 11
+    while k > 3 and (k - 1) * 4 >= size:
+        k -= 2
+    return k
+
+
+def _acts(embed: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+    return {k: v[0] for k, v in value_activations(embed, targets).items()}
+
+
+def _timed(seconds: dict, name: str, fn: Callable):
+    start = time.perf_counter()
+    out = fn()
+    seconds[name] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def _pipeline_workload(name: str, pipe, memorized: list[str], references: list[str], seeds: int, device,
+                       seconds: dict, notes: list[str]) -> Workload:
+    """A real pipeline: statistics from the reference captions, NeMo's default thresholds."""
+    if len(references) < 2:
+        raise BadInputError(f"{name}: need at least 2 reference prompts for the statistics, got {len(references)}")
+    unet = pipe.unet.to(device).eval()
+    pipe.text_encoder.to(device)
+    targets = resolve_targets(unet)
+    size = unet.config.sample_size
+    settings = ScoreSettings(n_seeds=seeds, kernel_size=kernel_for(size if isinstance(size, int) else min(size)))
+    stats = _timed(seconds, "calibration", lambda: compute_stats(
+        iter_embeddings(pipe.tokenizer, pipe.text_encoder, references, 64), targets))
+    embeds = _timed(seconds, "embeddings", lambda: encode_prompts(pipe.tokenizer, pipe.text_encoder, memorized))
+    prompts = [(p, embeds[i:i + 1], _acts(embeds[i:i + 1], targets), LocalizeSettings()) for i, p in
+               enumerate(memorized)]
+    return Workload(name, settings, unet, detection_timestep(pipe.scheduler.config, settings), stats, prompts, notes,
+                    seconds)
+
+
+def memorizer_workload(folder: Path, n_prompts: int, seeds: int, device) -> Workload:
+    """The shipped memorizing model: its memorized captions, statistics from its ordinary captions."""
+    if not (folder / "model_index.json").exists():
+        raise BadInputError(f"no model at {folder} (model_index.json missing)",
+                            "use --model planted or --model sd14-random, or --model-dir PATH")
+    from diffusers import StableDiffusionPipeline
+
+    seconds: dict[str, float] = {}
+    pipe = _timed(seconds, "load", lambda: StableDiffusionPipeline.from_pretrained(folder, safety_checker=None))
+    rows = [json.loads(line) for line in (folder / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    memorized = [r["caption"] for r in rows if r.get("memorized")]
+    references = [r["caption"] for r in rows if not r.get("memorized")]
+    memorized = memorized[:n_prompts] if n_prompts else memorized
+    return _pipeline_workload(f"memorizer ({folder})", pipe, memorized, references, seeds, device, seconds, [])
+
+
+def planted_workload(n_prompts: int, seeds: int, device) -> Workload:
+    """harden.tiny's pipeline with one planted memorization neuron; the memorized prompt, then held-out ones."""
+    from .demo import HELD_OUT, MEMORIZED, REFERENCES
+    from .tiny import plant_memorization, tiny_pipeline
+
+    seconds: dict[str, float] = {}
+    pipe = _timed(seconds, "load", lambda: tiny_pipeline(sample_size=32))
+    plant_memorization(pipe, MEMORIZED, REFERENCES)
+    prompts = [MEMORIZED, *HELD_OUT]
+    prompts = prompts[:n_prompts] if n_prompts else prompts
+    return _pipeline_workload("planted (tiny SD-v1 topology, 32x32 latents)", pipe, prompts, REFERENCES, seeds,
+                              device, seconds, [])
+
+
+def forced_settings(scorer: NoiseDiffScorer, embed: torch.Tensor, acts: dict[str, torch.Tensor],
+                    stats: NeuronStats, iterations: int, pass_fraction: float = 0.75,
+                    base: LocalizeSettings = LocalizeSettings(use_theta=False)) -> LocalizeSettings:
+    """Thresholds that force a given search path on a model that memorizes nothing (all seeds must be kept).
+
+    A probe (its own scorer, so its forwards are not counted) scores the first `iterations` schedule steps and the
+    single drops of the last one. tau_initial is set so that the search passes at step `iterations` (the sets grow
+    with k, so earlier steps score higher), tau_refine so that about `pass_fraction` of single drops would pass on
+    their own: a VM-like refinement where most initial neurons are removed, greedily fewer as the set shrinks.
+    Thresholds sit half-way between probe scores, so float noise between batch layouts cannot flip a decision.
+    """
+    probe = NoiseDiffScorer(scorer.unet, scorer.targets, scorer.timestep, scorer.settings)
+    kept = torch.arange(probe.settings.n_seeds)
+    reference = probe.unblocked(embed)
+    steps = schedule(replace(base, k_max=max(base.k_max, iterations + 1)))[:iterations]
+    cands = [ood_candidates(acts, stats, theta, k) for theta, k in steps]
+    initial_scores = [float(s.max()) for s in probe.blocked_scores(embed, kept, reference, cands)]
+    last = initial_scores[-1]
+    above = min((s for s in initial_scores[:-1] if s > last), default=1.0)
+    singles = [{**cands[-1], layer: [x for j, x in enumerate(idx) if j != i]}
+               for layer, idx in cands[-1].items() for i in range(len(idx))]
+    if not singles:
+        raise BadInputError(f"the forced path has no neurons after {iterations} iterations", "use more --iterations")
+    drops = sorted(float(s.max()) for s in probe.blocked_scores(embed, kept, reference, singles)) + [1.0]
+    target = round(pass_fraction * (len(drops) - 1))
+    window = range(max(1, target - len(drops) // 4), min(len(drops), target + len(drops) // 4 + 1))
+    cut = max(window, key=lambda i: drops[i] - drops[i - 1])  # the widest gap near the wanted fraction
+    return replace(base, tau_initial=(last + above) / 2, tau_refine=(drops[cut - 1] + drops[cut]) / 2,
+                   k_max=max(base.k_max, iterations + 1))
+
+
+@torch.no_grad()
+def amplify_cross_attention(targets, gain: float = CROSS_ATTENTION_GAIN) -> None:
+    """Scale each target's `to_out`: with random weights the text barely reaches the output (blocked and unblocked
+    scores agree to 1e-5, inside float noise), so forced thresholds would sit in noise. Cost is unchanged."""
+    for t in targets:
+        t.to_out.weight *= gain
+
+
+def sd14_workload(n_prompts: int, seeds: int, latent_size: int, iterations: int, device) -> Workload:
+    """An SD-v1.4-shaped UNet with random weights, random CLIP-sized embeddings and the forced search path."""
+    from diffusers import UNet2DConditionModel
+
+    seconds: dict[str, float] = {}
+    torch.manual_seed(0)
+    unet = _timed(seconds, "load", lambda: UNet2DConditionModel(sample_size=latent_size, **SD14).to(device).eval())
+    targets = resolve_targets(unet)
+    amplify_cross_attention(targets)
+    settings = ScoreSettings(n_seeds=seeds, kernel_size=kernel_for(latent_size), seed_threshold=-1.0)
+    g = torch.Generator().manual_seed(1)
+    refs = torch.randn(64, 77, 768, generator=g)
+    stats = _timed(seconds, "calibration", lambda: compute_stats(iter(refs.split(16)), targets))
+    scorer = NoiseDiffScorer(unet, targets, 961, settings)
+    prompts = []
+    start = time.perf_counter()
+    for i in range(n_prompts or 1):
+        embed = torch.randn(1, 77, 768, generator=g)
+        acts = _acts(embed, targets)
+        prompts.append((f"random prompt {i}", embed, acts, forced_settings(scorer, embed, acts, stats, iterations)))
+    seconds["probe_thresholds"] = round(time.perf_counter() - start, 3)
+    notes = [f"SD-v1.4-shaped UNet, random weights, {latent_size}x{latent_size} latents, {seeds} seeds all kept, "
+             f"forced path: {iterations} initial iterations (top-k only), tau_refine set so ~75% of single drops pass, "
+             f"cross-attention outputs x{CROSS_ATTENTION_GAIN:g} so that blocking matters beyond float noise"]
+    return Workload("sd14-random", settings, unet, 961, stats, prompts, notes, seconds)
+
+
+LOCALIZERS = {"reference": reference_localize_prompt, "exact": localize_prompt, "fast": localize_prompt_fast}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; the process peak so far
+
+
+def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine_block: int | None = None,
+              speculate: int | None = None, log=print) -> dict:
+    """Localize every prompt in each mode; per prompt and total forwards, seconds, peak memory; speed-ups."""
+    device = next(work.unet.parameters()).device
+    out: dict = {"modes": {}}
+    results: dict[str, list[PromptResult]] = {}
+    for mode in modes:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        scorer = work.scorer()
+        kwargs = {} if mode == "reference" else dict(batch_size=batch_size, refine_block=refine_block,
+                                                     speculate=speculate)
+        rows, results[mode] = [], []
+        start = time.perf_counter()
+        for text, embed, acts, loc in work.prompts:
+            t0 = time.perf_counter()
+            r = LOCALIZERS[mode](scorer, embed, acts, work.stats, loc, text, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            results[mode].append(r)
+            rows.append({"prompt": text, "memorized": r.memorized, "neurons": len(r.refined),
+                         "neuron_set": r.refined.to_json(), "score": r.refined_score, "tau_refine": r.tau_refine,
+                         "iterations": r.iterations, "unet_forwards": r.unet_forwards,
+                         "sample_forwards": r.sample_forwards, "seconds": round(seconds, 3)})
+            log(f"  {mode:9s} {text[:40]:40s} neurons {len(r.refined):4d}  score {r.refined_score:.4f}  "
+                f"forwards {r.unet_forwards:5d}  samples {r.sample_forwards:6d}  {seconds:8.2f} s")
+        total = {"unet_forwards": sum(r["unet_forwards"] for r in rows),
+                 "sample_forwards": sum(r["sample_forwards"] for r in rows),
+                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1)}
+        out["modes"][mode] = {"prompts": rows, "total": total}
+        log(f"{mode:9s} total: {total['unet_forwards']} UNet forwards, {total['sample_forwards']} sample-forwards, "
+            f"{total['seconds']:.2f} s, peak memory {total['peak_memory_mb']:.0f} MiB")
+    if "reference" in results:
+        ref = out["modes"]["reference"]["total"]
+        out["speedup"] = {}
+        for mode in modes:
+            if mode == "reference":
+                continue
+            t = out["modes"][mode]["total"]
+            sp = {"wall": ref["seconds"] / max(t["seconds"], 1e-9),
+                  "unet_forwards": ref["unet_forwards"] / max(1, t["unet_forwards"]),
+                  "sample_forwards": ref["sample_forwards"] / max(1, t["sample_forwards"])}
+            out["speedup"][mode] = sp
+            log(f"{mode:9s} speed-up {sp['wall']:.2f}  (UNet forwards {sp['unet_forwards']:.2f}x fewer, "
+                f"sample-forwards {sp['sample_forwards']:.2f}x fewer)")
+        if "exact" in results:
+            same = all(a.refined == b.refined and a.initial == b.initial for a, b in
+                       zip(results["reference"], results["exact"]))
+            diff = max((abs(a.refined_score - b.refined_score) for a, b in
+                        zip(results["reference"], results["exact"])), default=0.0)
+            out["exact_equals_reference"] = {"same_sets": same, "max_score_diff": diff}
+            log(f"exact vs reference: same neuron sets {'yes' if same else 'NO'}, max score difference {diff:.2e}")
+    if "exact" in results and "fast" in results:
+        cmp = compare_modes(results["exact"], results["fast"])
+        out["compare"] = cmp
+        log(f"fast vs exact: neurons per prompt median {cmp['fast']['neurons_median']} vs "
+            f"{cmp['exact']['neurons_median']}, max {cmp['fast']['neurons_max']} vs {cmp['exact']['neurons_max']}; "
+            f"below threshold {cmp['fast']['below_threshold']}/{cmp['prompts']} vs "
+            f"{cmp['exact']['below_threshold']}/{cmp['prompts']}; identical sets {cmp['same_sets']}/{cmp['prompts']}")
+    return out
+
+
+class _ValueOnly(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.to_v = torch.nn.Linear(768, width, bias=False)
+
+
+def calibration_throughput(n_prompts: int, device, batch_size: int = 256, log=print) -> dict:
+    """Prompts/s of the statistics pass with a CLIP-L-sized text encoder (random weights) and SD v1.4's 7 to_v.
+
+    Only the text encoder and the value projections run (no UNet), as in `compute_stats`; fp16 autocast on CUDA.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .targets import Target
+    from .tiny import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                            num_hidden_layers=12, max_position_embeddings=77, projection_dim=768,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    encoder = CLIPTextModel(config).to(device).eval()
+    targets = [Target(f"layer{i}", _ValueOnly(w).to(device)) for i, w in enumerate((320, 320, 640, 640, 1280, 1280,
+                                                                                    1280))]
+    prompts = [f"a photo of item {i} in style {i % 97}, detailed, trending" for i in range(n_prompts)]
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    start = time.perf_counter()
+    with autocast:
+        compute_stats(iter_embeddings(tokenizer, encoder, prompts, batch_size), targets)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    rate = n_prompts / seconds
+    out = {"prompts": n_prompts, "seconds": round(seconds, 3), "prompts_per_s": round(rate, 1),
+           "seconds_for_50000": round(50000 / rate, 1)}
+    log(f"calibration: {n_prompts} prompts in {seconds:.2f} s = {rate:.0f} prompts/s "
+        f"(50,000 prompts: {out['seconds_for_50000']:.0f} s) - CLIP-L-sized text encoder, random weights")
+    return out
+
+
+def bench_command(
+    model: Annotated[str, typer.Option("--model", help="memorizer (shipped, default), planted, or sd14-random.")]
+    = "memorizer",
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="Memorizer folder to load.")] = None,
+    prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts (0: all / 1 for sd14-random).")] = 0,
+    modes: Annotated[str, typer.Option("--modes", help="Comma-separated: reference,exact,fast.")] = ",".join(MODES),
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (NeMo: 10).")] = 10,
+    latent_size: Annotated[int, typer.Option("--latent-size", help="sd14-random latents (SD v1.4: 64).")] = 64,
+    iterations: Annotated[int, typer.Option("--iterations", help="sd14-random: forced initial iterations.")] = 5,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per UNet forward.")] = None,
+    refine_block: Annotated[Optional[int], typer.Option("--refine-block",
+                                                        help="Speculative refinement trials per forward.")] = None,
+    speculate: Annotated[Optional[int], typer.Option("--speculate",
+                                                     help="Initial-selection steps per forward.")] = None,
+    calib_prompts: Annotated[int, typer.Option("--calib-prompts", help="Also time calibration on N prompts "
+                                                                       "(CLIP-L-sized encoder; 50000 on GPU).")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default).")] = 0,
+    theta_start: Annotated[Optional[float], typer.Option("--theta-start", help="memorizer/planted: initial theta "
+                                                         "(NeMo: 5; lower gives wider initial sets).")] = None,
+    k_start: Annotated[Optional[int], typer.Option("--k-start", help="memorizer/planted: initial top-k.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all numbers to this JSON file.")] = None,
+):
+    """Time localization in the official order, exact mode and fast mode on the same prompts; print speed-ups."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .cli import fail
+
+    diffusers_logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        chosen = [m.strip() for m in modes.split(",") if m.strip()]
+        if not chosen or set(chosen) - set(MODES):
+            raise BadInputError(f"--modes {modes!r}: choose from {', '.join(MODES)}")
+        if model == "memorizer":
+            work = memorizer_workload(model_dir or MEMORIZER, prompts, seeds, dev)
+        elif model == "planted":
+            work = planted_workload(prompts, seeds, dev)
+        elif model == "sd14-random":
+            if dev.type == "cpu":
+                typer.echo("note: an SD-v1.4-sized UNet on CPU takes seconds per sample; use --latent-size 32 "
+                           "--seeds 4 --iterations 2 to keep it feasible")
+            work = sd14_workload(prompts, seeds, latent_size, iterations, dev)
+        else:
+            raise BadInputError(f"--model {model!r} is not one of memorizer, planted, sd14-random")
+        if model != "sd14-random" and (theta_start is not None or k_start is not None):
+            loc = LocalizeSettings(theta_start=5.0 if theta_start is None else theta_start, k_start=k_start or 0)
+            work.prompts = [(p, e, a, loc) for p, e, a, _ in work.prompts]
+            work.notes.append(f"initial selection from theta {loc.theta_start}, k {loc.k_start}")
+        typer.echo(f"bench: {work.name} on {dev} ({'fp16 autocast' if dev.type == 'cuda' else 'fp32'}), "
+                   f"{len(work.prompts)} prompts, {seeds} seeds, torch threads {torch.get_num_threads()}")
+        for note in work.notes:
+            typer.echo(f"note: {note}")
+        typer.echo("setup seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in work.setup_seconds.items()))
+        report = {"model": model, "name": work.name, "device": str(dev), "seeds": seeds, "notes": work.notes,
+                  "setup_seconds": work.setup_seconds}
+        report.update(run_modes(work, chosen, batch_size, refine_block, speculate, log=typer.echo))
+        if calib_prompts:
+            report["calibration"] = calibration_throughput(calib_prompts, dev, log=typer.echo)
+    except HardenError as err:
+        fail(err)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+        typer.echo(f"wrote {json_path}")

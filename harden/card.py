@@ -1,0 +1,176 @@
+"""The model card (`README.md`) of an export: Hub metadata plus what harden did, measured and gated.
+
+Why a card: a hardened model is only useful to others when its page says what was removed, how it was checked and
+how to load it. The card never contains the memorized prompts (only their count and the sha256 of the list), nor
+images generated from them, unless the recipe opted in with `publish_prompts`.
+
+Metadata kept from the base model's card: `license` (+ `license_name`, `license_link`), `language`, `datasets` and
+`tags`, because pruning changes none of them (the weights still derive from the same training data, under the same
+license). Dropped: the base's own `base_model` (ours points at the base itself), `model-index`/`eval_results` and
+`widget` (measured on or showing the unpruned model), `pipeline_tag`/`library_name` (set here), gating and inference
+settings (repository settings, not facts about the weights).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+
+TAGS = ["harden", "memorization-mitigation", "pruned"]
+KEPT_BASE_METADATA = ("license", "license_name", "license_link", "language", "datasets")
+PLACEHOLDER_REPO = "ORG/NAME"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def write_card(folder: Path, report: dict, base_model_dir: Path | None) -> None:
+    """Write `folder/README.md` (and nothing else) from the export's report and the base model's card, if any."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    base_meta = _base_card_metadata(Path(base_model_dir) if base_model_dir else None)
+    base = report.get("base_model") or {}
+    base_id, revision = base.get("id"), base.get("revision")
+    hub = (report.get("recipe") or {}).get("hub") or {}
+    license_ = hub.get("license") or base.get("license") or base_meta.get("license")
+
+    extra = {k: base_meta[k] for k in ("license_name", "license_link") if base_meta.get(k) and
+             license_ == base_meta.get("license")}
+    if hub.get("license_name"):
+        extra["license_name"] = hub["license_name"]
+    if hub.get("license_link"):
+        extra["license_link"] = hub["license_link"]
+    is_hub_id = bool(base_id) and _is_hub_id(str(base_id))
+    if is_hub_id and revision:
+        extra["base_model_revision"] = revision
+    data = ModelCardData(
+        base_model=base_id if is_hub_id else None,
+        license=license_,
+        language=base_meta.get("language"),
+        datasets=base_meta.get("datasets"),
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=_merge_tags(base_meta.get("tags")),
+        **extra,
+    )
+    context = _context(folder, report, base_id, is_hub_id, revision, license_, hub)
+    template = resources.files("harden").joinpath("templates/modelcard.md").read_text(encoding="utf-8")
+    card = ModelCard.from_template(data, template_str=template, c=context)
+    (folder / "README.md").write_text(str(card), encoding="utf-8")
+
+
+def _is_hub_id(value: str) -> bool:
+    """A Hub repo id (`org/name`), as opposed to a local folder (which must not leak into public metadata)."""
+    return bool(_HUB_ID.match(value)) and not Path(value).expanduser().exists()
+
+
+def _base_card_metadata(base_model_dir: Path | None) -> dict:
+    """The base card's metadata, or {} when there is no card or it cannot be parsed (then nothing is inherited)."""
+    if base_model_dir is None or not (base_model_dir / "README.md").is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        meta = ModelCard.load(base_model_dir / "README.md", ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # a broken base card must not block the export; the card then says "license: not stated"
+        return {}
+    kept = {k: meta[k] for k in KEPT_BASE_METADATA if meta.get(k)}
+    if isinstance(meta.get("tags"), list):
+        kept["tags"] = [str(t) for t in meta["tags"]]
+    return kept
+
+
+def _merge_tags(base_tags) -> list[str]:
+    tags = list(base_tags or [])
+    return tags + [t for t in TAGS if t not in tags]
+
+
+def _fmt(value) -> str:
+    """Numbers with 4 significant digits, booleans as yes/no, missing as an em dash; safe inside a table cell."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _context(folder: Path, report: dict, base_id, is_hub_id: bool, revision, license_, hub: dict) -> dict:
+    """Everything the template shows, preformatted, so the template stays layout only."""
+    repo_id = hub.get("repo_id") or PLACEHOLDER_REPO
+    if is_hub_id:
+        base_text = f"[{base_id}](https://huggingface.co/{base_id})"
+    elif base_id:
+        base_text = f"a local model ({Path(str(base_id)).name})"  # never a local path: it may name private folders
+    else:
+        base_text = "an unnamed base model"
+
+    mem = report.get("memorized_prompts") or {}
+    prompts = {"count": mem.get("count", 0), "sha256": mem.get("sha256", "—"),
+               "detected": mem.get("detected"), "not_reproducing": mem.get("not_reproducing")}
+    published = []
+    if report.get("publish_prompts"):
+        published = [{"index": p.get("index"), "prompt": _fmt(p.get("prompt")),
+                      "detect_score": _fmt(p.get("detect_score")), "memorized": _fmt(p.get("memorized")),
+                      "neurons": _fmt(p.get("neurons")), "score_after": _fmt(p.get("score_after"))}
+                     for p in report.get("prompts") or [] if p.get("prompt") is not None]
+
+    neurons = report.get("neurons") or {}
+    widths = neurons.get("layers_total") or {}
+    rows = []
+    for layer, removed in (neurons.get("per_layer") or {}).items():
+        width = widths.get(layer)
+        share = f"{100.0 * removed / width:.2f} %" if width else "—"
+        rows.append({"layer": layer, "removed": removed, "width": _fmt(width), "share": share})
+    total = neurons.get("total", sum(r["removed"] for r in rows))
+
+    verification = (report.get("verification") or {}).get("rows") or []
+    has_control = any(r.get("control") is not None for r in verification)
+    vrows = [{"metric": _fmt(r.get("metric")), "before": _fmt(r.get("before")), "after": _fmt(r.get("after")),
+              "control": _fmt(r.get("control")), "better": _fmt(r.get("better"))} for r in verification]
+
+    gates = [{"name": _fmt(g.get("name")), "metric": _fmt(g.get("metric")),
+              "condition": f"{g.get('op', '')} {_fmt(g.get('threshold'))}", "value": _fmt(g.get("value")),
+              "outcome": "passed" if g.get("passed") else "FAILED"} for g in report.get("gates") or []]
+    failed = sum(1 for g in report.get("gates") or [] if not g.get("passed"))
+    if report.get("passed") is None:
+        outcome = "the gates were not evaluated."
+    elif report["passed"]:
+        outcome = f"all {len(gates)} gates passed."
+    else:
+        outcome = (f"{failed} of {len(gates)} gates FAILED: this model did not pass verification and must not be "
+                   "released.")
+
+    packages = report.get("packages") or {}
+    return {
+        "title": f"{repo_id.split('/')[-1] if repo_id != PLACEHOLDER_REPO else 'Hardened model'}",
+        "repo_id": repo_id,
+        "base_text": base_text,
+        "base_revision": revision,
+        "license_text": f"`{license_}`" if license_ else "not stated (check the base model's terms)",
+        "harden_version": report.get("harden_version") or __version__,
+        "recipe_sha256": report.get("recipe_sha256", "—"),
+        "layout": report.get("layout", "dense"),
+        "created": report.get("created_utc"),
+        "git_commit": report.get("git_commit"),
+        "packages": ", ".join(f"{k} {v}" for k, v in packages.items()),
+        "prompts": prompts,
+        "published_prompts": published,
+        "neurons_total": total,
+        "neuron_rows": rows,
+        "neurons_figure": _figure(folder, "neurons_per_layer.png"),
+        "heldout_figure": _figure(folder, "heldout_grid.png"),
+        "verification_rows": vrows,
+        "has_control": has_control,
+        "gates": gates,
+        "outcome": outcome,
+    }
+
+
+def _figure(folder: Path, name: str) -> str | None:
+    """Relative link to a figure of the export, if it was written (held-out prompts only, never memorized ones)."""
+    path = f"harden/figures/{name}"
+    return path if (folder / path).is_file() else None

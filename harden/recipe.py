@@ -1,0 +1,360 @@
+"""Recipes: the YAML a release engineer commits next to a model, parsed into a strict, frozen, range-checked object.
+
+Why strict: a recipe runs unattended in CI. A typo (`treshold:`) that silently fell back to a default would harden
+the wrong way, so unknown keys, duplicate keys and out-of-range values are errors that name the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BadInputError
+
+TauMem = Literal["tau_mem"]  # "use the threshold calibrated on the reference prompts"
+Threshold = Union[TauMem, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_threshold(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0.0 < value <= 1.0:
+        raise ValueError(f"a threshold is an MS-SSIM value in (0, 1] or 'tau_mem', got {value}")
+    return value
+
+
+class ModelSection(_Strict):
+    """The base pipeline: a Hub id or a local diffusers folder (relative paths resolve against the recipe)."""
+
+    id: str = Field(min_length=1)
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on CUDA, float32 on CPU
+    device: str = "auto"
+    allow_pickle: bool = False
+    targets: str = "nemo"  # nemo (down + mid blocks, as the paper), all, or a regex on module names
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
+        return v
+
+
+class PromptItem(_Strict):
+    prompt: str = Field(min_length=1)
+    image: str | None = None  # a reference (training) image for this prompt, for verification SSIM
+
+
+class PromptSource(_Strict):
+    """Prompts inline, or from a file or URL: .txt (one per line), .jsonl (`caption`), .csv (`Caption` column)."""
+
+    prompts: list[Union[str, PromptItem]] | None = None
+    file: str | None = None  # a path (relative to the recipe) or an http(s) URL, which then needs sha256
+    sha256: str | None = None
+    field: str | None = None  # the jsonl key / csv column with the prompt (default caption / Caption)
+    image_field: str | None = None  # jsonl key / csv column with a reference image path (relative to the file)
+    where: dict[str, Union[str, int, float, bool]] | None = None  # keep only rows whose fields equal these values
+    offset: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.prompts is None) == (self.file is None):
+            raise ValueError("give exactly one of 'prompts' (an inline list) or 'file' (a path or URL)")
+        if self.file and re.match(r"https?://", self.file) and not self.sha256:
+            raise ValueError("a prompt file given as a URL needs its 'sha256', so that what runs is what was meant")
+        if self.sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("the inline prompt list is empty")
+        return self
+
+
+class ReferenceSection(PromptSource):
+    """Non-memorized prompts: all of them give the per-neuron statistics; the first `tau_prompts` give tau_mem."""
+
+    tau_prompts: int = Field(100, ge=2)
+    batch_size: int = Field(256, ge=1)  # text-encoder batch for statistics
+
+
+class DetectionSection(_Strict):
+    """NeMo's first-step noise-difference score (official defaults)."""
+
+    threshold: Threshold = "tau_mem"  # a prompt is memorized (and a seed kept) when its score is > this
+    n_seeds: int = Field(10, ge=2, le=256)
+    seed: int = 1
+    num_inference_steps: int = Field(50, ge=2, le=1000)
+    timestep_index: int = Field(1, ge=0)
+    kernel_size: int = Field(11, ge=3, le=31)
+    betas: tuple[float, ...] = (0.33, 0.33, 0.33)
+    fp16_autocast: bool = True
+    batch_size: int = Field(64, ge=1)  # samples per UNet forward
+
+    _threshold = field_validator("threshold")(classmethod(lambda cls, v: _check_threshold(v)))
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.timestep_index >= self.num_inference_steps:
+            raise ValueError("timestep_index must be smaller than num_inference_steps")
+        if not self.betas or any(b <= 0 for b in self.betas):
+            raise ValueError("betas must be a non-empty list of positive weights")
+        return self
+
+
+class LocalizationSection(_Strict):
+    """NeMo's OOD initial selection and greedy refinement (official defaults)."""
+
+    mode: Literal["exact", "fast"] = "exact"
+    theta_start: float = Field(5.0, gt=0)
+    theta_step: float = Field(0.25, gt=0)
+    theta_min: float = Field(1.0, gt=0)
+    use_theta: bool = True
+    k_start: int = Field(0, ge=0)
+    use_top_k: bool = True
+    k_max: int = Field(1280, ge=1)
+    tau_initial: Threshold = "tau_mem"
+    tau_refine: Threshold = "tau_mem"
+    rel_threshold: float | None = Field(None, gt=0)
+    refine: bool = True
+    factor: float = Field(0.0, ge=0.0, lt=1.0)  # deactivation multiplier while searching (pruning removes: 0)
+    # batching of the search: null = auto (CUDA: from free memory; CPU: sequential). Results do not depend on them.
+    speculate: int | None = Field(None, ge=1)  # initial-selection steps evaluated per UNet batch
+    refine_block: int | None = Field(None, ge=1)  # speculative refinement trials per UNet batch
+    batch_size: int | None = Field(None, ge=1)  # samples per UNet forward while localizing
+    only_detected: bool = True  # localize only prompts whose score is above the detection threshold
+
+    _taus = field_validator("tau_initial", "tau_refine")(classmethod(lambda cls, v: _check_threshold(v)))
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.theta_start < self.theta_min:
+            raise ValueError("theta_start must be >= theta_min")
+        if not self.use_theta and not self.use_top_k:
+            raise ValueError("use_theta and use_top_k cannot both be false: initial selection would select nothing")
+        return self
+
+
+GATE_METRICS = {
+    # name: (what it measures, which direction is better)
+    "memorized_score_after_max": ("max NeMo score of the detected memorized prompts after pruning", "lower"),
+    "memorized_score_after_mean": ("mean NeMo score of the detected memorized prompts after pruning", "lower"),
+    "mitigated_fraction": ("fraction of detected prompts whose score after pruning is <= the threshold", "higher"),
+    "memorized_ssim_after_max": ("max best-of-seeds SSIM to the reference image after pruning", "lower"),
+    "heldout_ssim_median": ("median SSIM between base and hardened held-out images at the same seeds", "higher"),
+    "heldout_ssim_min": ("min SSIM between base and hardened held-out images at the same seeds", "higher"),
+    "heldout_alignment_drop": ("mean alignment before minus after (shipped memorizer only)", "lower"),
+    "heldout_clip_drop": ("mean CLIP score before minus after (needs verify.clip_model)", "lower"),
+    "neurons_total": ("number of neurons pruned", "lower"),
+}
+
+
+class Gate(_Strict):
+    min: Union[float, TauMem, None] = None
+    max: Union[float, TauMem, None] = None
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if (self.min is None) == (self.max is None):
+            raise ValueError("a gate has exactly one bound: 'min' or 'max'")
+        return self
+
+
+class VerifySection(_Strict):
+    """Held-out quality and memorization before/after, at fixed seeds, with gates that fail the run."""
+
+    held_out: PromptSource | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, max_length=64)
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+    generate: bool = True  # False: only the NeMo score before/after (no full generations)
+    control: bool = True  # a random-neuron control with the same per-layer counts
+    clip_model: str | None = None  # a transformers CLIPModel (Hub id or local folder) for a CLIP score
+    gates: dict[str, Gate] = Field(default_factory=dict)
+
+    @field_validator("gates")
+    @classmethod
+    def _known_gates(cls, gates):
+        for name in gates:
+            if name not in GATE_METRICS:
+                raise ValueError(f"unknown gate {name!r}{_suggest(name, GATE_METRICS)}")
+        return gates
+
+
+class ExportSection(_Strict):
+    layout: Literal["compact", "dense", "both"] = "compact"
+    publish_prompts: bool = False  # write memorized prompt texts into report.json / the card
+    figures: bool = True
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        return ("compact", "dense") if self.layout == "both" else (self.layout,)
+
+
+class HubSection(_Strict):
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    private: bool = False
+    create_pr: bool = False
+    revision: str | None = None
+    license: str | None = None
+    layout: Literal["compact", "dense"] | None = None  # which export to push when layout is both (default compact)
+
+
+class Recipe(_Strict):
+    model: ModelSection
+    memorized: PromptSource
+    reference: ReferenceSection
+    detection: DetectionSection = Field(default_factory=DetectionSection)
+    localization: LocalizationSection = Field(default_factory=LocalizationSection)
+    verify: VerifySection = Field(default_factory=VerifySection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    hub: HubSection | None = None
+    seed: int = 0  # for the random-neuron control and anything else random
+    name: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- YAML loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise BadInputError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line {seen[key]})",
+                "keep one of them")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the location `loc` (to list its valid keys)."""
+    model: Any = Recipe
+    skip = False  # the next part is a dict key or list index, not a field name
+    for part in loc[:-1]:
+        if skip or isinstance(part, int):
+            skip = False
+            continue
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return None
+        ann = fields[part].annotation
+        skip = getattr(ann, "__origin__", None) is dict
+        model = next((a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _flatten(ann) -> list:
+    args = getattr(ann, "__args__", None)
+    return [ann] if not args else [x for a in args for x in _flatten(a)]
+
+
+_UNION_TAG = re.compile(r"[\[\](]|^(str|float|int|bool|none|PromptItem)$")  # pydantic's union-branch loc parts
+
+
+def _explain(err: ValidationError, source: str) -> BadInputError:
+    """One line for the most useful of pydantic's errors (an unknown key first, then the first value error)."""
+    errors = err.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    first = (unknown or errors)[0]
+    loc = _clean(first["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        valid = list(getattr(_model_at(loc), "model_fields", {}))
+        return BadInputError(f"{source}: unknown key {where!r}{_suggest(loc[-1], valid)}",
+                             f"valid keys here: {', '.join(valid)}" if valid else "remove it")
+    if first["type"] == "missing":
+        return BadInputError(f"{source}: missing required key {where!r}", "see recipes/README.md")
+    same_place = [e for e in errors if _clean(e["loc"]) == loc]  # the branches of a union, e.g. 'tau_mem' | float
+    msg = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in same_place))
+    msg = msg.replace(" or Input should be ", " or ")
+    got = first.get("input")
+    if not isinstance(got, (dict, list)) and repr(got) not in msg and str(got) not in msg:
+        msg += f" (got {got!r})"
+    return BadInputError(f"{source}: {where}: {msg}", "fix the value; see recipes/README.md")
+
+
+def _clean(loc) -> tuple:
+    return tuple(p for p in loc if isinstance(p, int) or not _UNION_TAG.search(p))
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise BadInputError(f"{source}: a recipe is a YAML mapping of sections", "see recipes/*.yaml for examples")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from (relative paths resolve against `folder`)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    recipe: Recipe
+    path: Path
+    folder: Path
+    text: str
+    sha256: str
+
+
+def load_recipe(path: Path) -> LoadedRecipe:
+    """Read, check and freeze a recipe file. Raises BadInputError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"recipe {path} does not exist", "give the path of a recipe YAML file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path} is not UTF-8 text", "save the recipe as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BadInputError(f"{path.name}: invalid YAML{where}: {getattr(err, 'problem', err)}",
+                            "fix the YAML syntax") from None
+    recipe = parse_recipe(data, path.name)
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), folder=path.resolve().parent, text=text,
+                        sha256=hashlib.sha256(raw).hexdigest())
+
+
+def resolve_model_path(model_id: str, folder: Path) -> Path | None:
+    """A local folder for `model_id`, or None when it is a Hub id. Relative paths resolve against the recipe folder.
+
+    Why the rule: `org/name` is both a valid Hub id and a valid relative path; an existing folder wins, and an id
+    that starts like a path (`./`, `../`, `/`, `~`) is always local, so a missing folder is an error, not a download.
+    """
+    candidate = (folder / Path(model_id).expanduser()).resolve()
+    if candidate.exists():
+        return candidate
+    if model_id.startswith((".", "/", "~")) or re.match(r"^[A-Za-z]:[\\/]", model_id) or model_id.count("/") > 1:
+        raise BadInputError(f"model folder {candidate} does not exist",
+                            "fix model.id: a local diffusers folder (relative to the recipe) or a Hub id org/name")
+    return None

@@ -1,0 +1,187 @@
+"""The verify stage: measures the hardened model against the base (and a random-neuron control) at fixed seeds.
+
+Kept apart from verify.py (pure metrics) because it drives the pipeline: generation, images on disk, progress.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from .neurons import NeuronSet
+from .prune import prune_dense
+from .verify import (ClipScorer, best_of_seeds_ssim, evaluate_gates, generate, load_reference, random_control,
+                     ssim, swapped_unet)
+
+
+def _alignment_fn(model_dir: Path | None):
+    """The shipped organism's weight-free alignment metric, when the base model is (a retrain of) it."""
+    if model_dir is None or not (model_dir / "harden_zoo.json").is_file():
+        return None
+    from .zoo.alignment import alignment
+
+    return alignment
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def verify(run) -> dict:
+    from .runner import hardened_unets, read_neurons
+
+    r = run.recipe.verify
+    neurons = read_neurons(run.folder.file("localize", "neurons.json"))
+    unets = hardened_unets(run)
+    hardened = unets.get("compact", unets.get("dense"))
+    widths = {t.name: t.width for t in run.targets}
+    control = random_control(neurons, widths, run.recipe.seed) if r.control and neurons else None
+    variants = {"after": hardened}
+    if control is not None:
+        variants["control"] = prune_dense(run.pipe.unet, control)
+
+    detection = run.folder.read_json("detect/detection.json")
+    threshold = detection["threshold"]
+    memorized = run.inputs.memorized
+    before = [row["score"] for row in detection["prompts"]]
+    detected = [row["index"] for row in detection["prompts"] if row["memorized"]]
+    scores = {"before": before}
+    with run.ui.stage("verify: memorization score", len(memorized) * len(variants)) as advance:
+        for name, unet in variants.items():
+            scores[name] = run.scores(run.scorer(unet, []), memorized, advance)
+    per_prompt = [{"index": i, "detected": i in detected, "score_before": scores["before"][i],
+                   "score_after": scores["after"][i], "score_control": scores.get("control", [None] * (i + 1))[i]}
+                  for i in range(len(memorized))]
+
+    held = run.inputs.held_out
+    held_scores = {}
+    if held:
+        with run.ui.stage("verify: held-out score", len(held) * (1 + len(variants))) as advance:
+            held_scores["before"] = run.scores(run.scorer(run.pipe.unet, []), held, advance)
+            for name, unet in variants.items():
+                held_scores[name] = run.scores(run.scorer(unet, []), held, advance)
+
+    images_dir = run.folder.file("verify", "images")
+    gen = {"steps": r.steps, "guidance": r.guidance_scale, "height": r.height, "width": r.width}
+    with_images = [i for i, p in enumerate(memorized) if p.image is not None]
+    held_rows = []
+    if r.generate:
+        variants_gen = {"before": run.pipe.unet, **variants}
+        with run.ui.stage("verify: generation", (len(with_images) + len(held)) * len(variants_gen)) as advance:
+            for i in with_images:
+                imgs = {}
+                for name, unet in variants_gen.items():
+                    with swapped_unet(run.pipe, unet):
+                        imgs[name] = generate(run.pipe, memorized[i].text, r.seeds, **gen)
+                    advance(1)
+                    for seed, img in zip(r.seeds, imgs[name]):
+                        _save_png(images_dir / f"memorized_{i:06d}_seed{seed}_{name}.png", img)
+                ref = load_reference(memorized[i].image, imgs["before"][0].shape[:2])
+                for name in variants_gen:
+                    per_prompt[i][f"ssim_to_reference_{name}"] = best_of_seeds_ssim(imgs[name], ref)
+            align = _alignment_fn(run.model_dir)
+            clip = ClipScorer(r.clip_model, run.pipe.device) if r.clip_model else None
+            for j, prompt in enumerate(held):
+                imgs = {}
+                for name, unet in variants_gen.items():
+                    with swapped_unet(run.pipe, unet):
+                        imgs[name] = generate(run.pipe, prompt.text, r.seeds, **gen)
+                    advance(1)
+                    for seed, img in zip(r.seeds, imgs[name]):
+                        _save_png(images_dir / f"heldout_{j:06d}_seed{seed}_{name}.png", img)
+                row = {"index": j, "prompt": prompt.text,
+                       "score_before": held_scores["before"][j], "score_after": held_scores["after"][j]}
+                for name in variants:
+                    row[f"ssim_base_vs_{name}"] = [ssim(a, b) for a, b in zip(imgs["before"], imgs[name])]
+                if align is not None:
+                    for name, batch in imgs.items():
+                        values = [align(img, prompt.text) for img in batch]
+                        row[f"alignment_{name}"] = (statistics.fmean(values) if None not in values else None)
+                if clip is not None:
+                    for name, batch in imgs.items():
+                        row[f"clip_{name}"] = statistics.fmean(clip(batch, prompt.text))
+                held_rows.append(row)
+
+    if held and not r.generate:
+        held_rows = [{"index": j, "prompt": p.text, "score_before": held_scores["before"][j],
+                      "score_after": held_scores["after"][j]} for j, p in enumerate(held)]
+    metrics, rows = _metrics(per_prompt, detected, threshold, held_rows, neurons, variants)
+    tau_mem = run.threshold("tau_mem")
+    gates = evaluate_gates(metrics, r.gates, tau_mem)
+    return {"threshold": threshold, "tau_mem": tau_mem, "seeds": {"detection": run.recipe.detection.seed,
+                                                                  "generation": list(r.seeds),
+                                                                  "control": run.recipe.seed},
+            "control_neurons": control.to_json() if control is not None else None,
+            "metrics": metrics, "rows": rows, "gates": gates, "passed": all(g["passed"] for g in gates),
+            "memorized": per_prompt, "held_out": held_rows, "generation": gen}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _metrics(per_prompt, detected, threshold, held_rows, neurons: NeuronSet, variants) -> tuple[dict, list]:
+    """Gate metrics (see recipe.GATE_METRICS) and the before/after/control table for the report and the card."""
+    after = [p["score_after"] for p in per_prompt]
+    det_after = [per_prompt[i]["score_after"] for i in detected]
+    ssim_ref = {k: [p[f"ssim_to_reference_{k}"] for p in per_prompt if f"ssim_to_reference_{k}" in p]
+                for k in ("before", "after", "control")}
+    held_ssim = [v for row in held_rows for v in row.get("ssim_base_vs_after", [])]
+    held_ssim_control = [v for row in held_rows for v in row.get("ssim_base_vs_control", [])]
+
+    def drop(key):
+        b, a = _mean(r.get(f"{key}_before") for r in held_rows), _mean(r.get(f"{key}_after") for r in held_rows)
+        return None if a is None or b is None else b - a
+
+    metrics = {
+        "memorized_score_after_max": max(after) if after else None,
+        "memorized_score_after_mean": _mean(after),
+        "mitigated_fraction": (sum(s <= threshold for s in det_after) / len(det_after)) if det_after else 1.0,
+        "memorized_ssim_after_max": max(ssim_ref["after"]) if ssim_ref["after"] else None,
+        "heldout_ssim_median": statistics.median(held_ssim) if held_ssim else None,
+        "heldout_ssim_min": min(held_ssim) if held_ssim else None,
+        "heldout_alignment_drop": drop("alignment"),
+        "heldout_clip_drop": drop("clip"),
+        "neurons_total": float(len(neurons)),
+    }
+    has_control = "control" in variants
+    rows = [
+        _row("NeMo score, memorized prompts (mean)", _mean(p["score_before"] for p in per_prompt),
+             metrics["memorized_score_after_mean"],
+             _mean(p["score_control"] for p in per_prompt) if has_control else None, "lower"),
+        _row("NeMo score, memorized prompts (max)", max(p["score_before"] for p in per_prompt),
+             metrics["memorized_score_after_max"],
+             max(p["score_control"] for p in per_prompt) if has_control else None, "lower"),
+        _row(f"memorized prompts above the threshold ({threshold:.3f})",
+             float(sum(p["score_before"] > threshold for p in per_prompt)),
+             float(sum(s > threshold for s in after)),
+             float(sum(p["score_control"] > threshold for p in per_prompt)) if has_control else None, "lower"),
+    ]
+    if ssim_ref["before"]:
+        rows.append(_row("best-of-seeds SSIM to the training image (max)", max(ssim_ref["before"]),
+                         max(ssim_ref["after"]), max(ssim_ref["control"]) if ssim_ref["control"] else None,
+                         "lower"))
+        rows.append(_row("best-of-seeds SSIM to the training image (mean)", _mean(ssim_ref["before"]),
+                         _mean(ssim_ref["after"]), _mean(ssim_ref["control"]), "lower"))
+    if held_ssim:
+        rows.append(_row("held-out SSIM to the base model (median)", 1.0, metrics["heldout_ssim_median"],
+                         statistics.median(held_ssim_control) if held_ssim_control else None, "higher"))
+    if held_rows:
+        rows.append(_row("held-out NeMo score (mean)", _mean(r["score_before"] for r in held_rows),
+                         _mean(r["score_after"] for r in held_rows), None, "lower"))
+        for key, label in (("alignment", "held-out alignment (mean)"), ("clip", "held-out CLIP score (mean)")):
+            if any(f"{key}_before" in r for r in held_rows):
+                rows.append(_row(label, _mean(r.get(f"{key}_before") for r in held_rows),
+                                 _mean(r.get(f"{key}_after") for r in held_rows),
+                                 _mean(r.get(f"{key}_control") for r in held_rows), "higher"))
+    return metrics, rows
+
+
+def _row(metric, before, after, control, better) -> dict:
+    return {"metric": metric, "before": before, "after": after, "control": control, "better": better}

@@ -1,0 +1,50 @@
+"""`harden bench` on the planted model: speed-up lines, JSON with deterministic forward counts (no timed asserts)."""
+
+import json
+import re
+
+import torch
+from typer.testing import CliRunner
+
+from harden.cli import app
+
+
+def test_bench_planted_prints_speedups_and_writes_forward_counts(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        out = CliRunner().invoke(app, ["bench", "--model", "planted", "--prompts", "2", "--seeds", "6", "--threads",
+                                       "1", "--calib-prompts", "8", "--json", str(tmp_path / "b.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert out.exit_code == 0, out.output
+    assert re.search(r"^exact +speed-up \d+\.\d\d ", out.output, re.M)
+    assert re.search(r"^fast +speed-up \d+\.\d\d ", out.output, re.M)
+    assert "same neuron sets yes" in out.output and "prompts/s" in out.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    modes = report["modes"]
+    memorized = {m: modes[m]["prompts"][0] for m in modes}
+    # official budget: 2 forwards x 6 seeds per noise-diff call (unblocked, initial, re-baseline, all-blocked,
+    # layer test, neuron test, final score) + one batch-1 activation forward
+    assert (memorized["reference"]["unet_forwards"], memorized["reference"]["sample_forwards"]) == (15, 85)
+    kept = 6  # the planted prompt keeps every seed
+    assert (memorized["exact"]["unet_forwards"], memorized["exact"]["sample_forwards"]) == (4, 6 + 3 * kept)
+    assert (memorized["fast"]["unet_forwards"], memorized["fast"]["sample_forwards"]) == (3, 6 + 2 * kept)
+    for m in modes:
+        assert memorized[m]["neuron_set"] == {"down_blocks.0.attentions.0.transformer_blocks.0.attn2": [5]}
+        assert memorized[m]["score"] < 0.428
+        assert not modes[m]["prompts"][1]["memorized"]
+    assert modes["reference"]["prompts"][1]["unet_forwards"] == 2 and modes["exact"]["prompts"][1]["unet_forwards"] == 1
+    assert modes["reference"]["total"]["unet_forwards"] == 17 and modes["exact"]["total"]["sample_forwards"] == 30
+    assert report["speedup"]["exact"]["sample_forwards"] == 97 / 30
+    assert report["exact_equals_reference"] == {"same_sets": True, "max_score_diff": 0.0}
+    assert report["compare"]["same_sets"] == 1 and report["calibration"]["prompts"] == 8
+
+
+def test_bench_refuses_bad_options(tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(app, ["bench", "--model", "nope"])
+    assert out.exit_code == 2 and "nope" in out.output
+    out = runner.invoke(app, ["bench", "--model-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "model_index.json" in out.output
+    out = runner.invoke(app, ["bench", "--model", "planted", "--modes", "exact,slow"])
+    assert out.exit_code == 2 and "slow" in out.output

@@ -1,0 +1,111 @@
+"""Fast mode (group-testing refinement): below the threshold, 1-minimal, fewer evaluations, few extra neurons."""
+
+import statistics
+
+import pytest
+import torch
+
+from harden.neurons import NeuronSet
+from harden.nemo.fast import compare_modes, group_refine
+from harden.nemo.localize import LocalizeSettings, PromptResult, refine
+from harden.nemo.reference import synthetic_scorer
+from harden.nemo.stats import NeuronStats
+
+WIDTHS = [16, 16, 24, 24, 32, 32, 32]
+NAMES = [f"layer{i}" for i in range(len(WIDTHS))]
+
+
+def _problem(seed, n_important=4):
+    g = torch.Generator().manual_seed(seed)
+    acts = {n: torch.rand(w, generator=g) for n, w in zip(NAMES, WIDTHS)}
+    stats = NeuronStats({n: torch.full((w,), 0.5) for n, w in zip(NAMES, WIDTHS)},
+                        {n: torch.full((w,), 0.3) for n, w in zip(NAMES, WIDTHS)}, 100)
+    lists_score, _ = synthetic_scorer(WIDTHS, seed, n_important=n_important)
+    calls = []
+
+    def score(cands):
+        calls.append(len(cands))
+        return [lists_score([c.get(n, []) for n in NAMES]) for c in cands]
+
+    return score, acts, stats, calls
+
+
+def _check_minimal(score, final, tau):
+    assert float(score([final])[0].max()) < tau
+    for layer, idx in final.items():
+        for n in idx:
+            trial = {**final, layer: [x for x in idx if x != n]}
+            assert float(score([trial])[0].max()) >= tau, f"{layer}:{n} could still be removed"
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_group_refinement_is_below_threshold_one_minimal_and_cheaper(block):
+    exact_sizes, fast_sizes, exact_evals, fast_evals = [], [], 0, 0
+    sparse_exact = sparse_fast = 0
+    for seed in range(10):
+        before = (exact_evals, fast_evals)
+        score, acts, stats, calls = _problem(seed)
+        settings = LocalizeSettings()
+        initial = {n: list(range(w)) for n, w in zip(NAMES, WIDTHS)}  # a TM-like wide set: refinement dominates
+        s0, tau = float(score([initial])[0].max()), settings.tau_refine
+        assert s0 < tau
+        calls.clear()
+        exact, _ = refine(score, initial, tau, NAMES, s0, settings)
+        exact_evals += sum(calls)
+        calls.clear()
+        fast, s1 = group_refine(score, initial, tau, NAMES, s0, settings, block)
+        fast_evals += sum(calls) if block == 1 else len(calls)  # sets scored; with batching, scorer calls
+        _check_minimal(score, fast, tau)
+        assert s1 == pytest.approx(float(score([fast])[0].max()))
+        assert NeuronSet(fast).layers.keys() <= NeuronSet(initial).layers.keys()
+        assert all(set(fast[k]) <= set(initial[k]) for k in fast)
+        exact_sizes.append(len(NeuronSet(exact)))
+        fast_sizes.append(len(NeuronSet(fast)))
+        if len(NeuronSet(exact)) <= 5:  # sparse (VM-like): group tests pay off
+            sparse_exact, sparse_fast = sparse_exact + exact_evals - before[0], sparse_fast + fast_evals - before[1]
+    assert statistics.median(fast_sizes) <= 1.25 * statistics.median(exact_sizes)
+    assert sum(f <= e for f, e in zip(fast_sizes, exact_sizes)) >= 8  # rarely more neurons than exact mode
+    assert sparse_fast < 0.75 * sparse_exact  # candidate sets scored, whatever the batching
+    assert fast_evals < 1.5 * exact_evals  # dense sets: bounded overhead
+
+
+def test_single_necessary_neuron_costs_a_few_tests():
+    truth = ("b", 7)
+    calls = []
+
+    def score(cands):
+        calls.extend(cands)
+        return [torch.tensor([0.1 if truth[1] in c.get(truth[0], []) else 0.9]) for c in cands]
+
+    initial = {"a": list(range(20)), "b": list(range(12)) + [7]}
+    final, s = group_refine(score, initial, 0.5, ["a", "b"], 0.1, LocalizeSettings())
+    assert final == {"a": [], "b": [7]} and s == pytest.approx(0.1)
+    assert len(calls) <= 10  # exact mode's sequential refinement needs 2 + 12 here, one per neuron in "b"
+
+
+def test_rel_threshold_and_nothing_removable():
+    def score(cands):  # every neuron matters equally: nothing can go
+        return [torch.tensor([0.1 + 0.1 * (4 - sum(len(v) for v in c.values()))]) for c in cands]
+
+    initial = {"a": [0, 1], "b": [2, 3]}
+    final, s = group_refine(score, initial, 0.15, ["a", "b"], 0.1, LocalizeSettings())
+    assert final == initial and s == pytest.approx(0.1)
+    final, _ = group_refine(score, initial, 0.15, ["a", "b"], 0.1, LocalizeSettings(rel_threshold=1.5))
+    assert final == {"a": [0, 1], "b": [3]}  # relative change < 150% allows one removal; layers in reverse order
+
+
+def test_compare_modes_reports_the_numbers():
+    def result(neurons, score, memorized=True):
+        return PromptResult("p", memorized, [0.9], [0], {}, 0.1, 1, 0.428, NeuronSet({"l": tuple(neurons)}), score,
+                            5, 50)
+
+    exact = [result([1, 2], 0.2), result([3], 0.3), result([4, 5, 6], 0.1), result([], 0.0, False)]
+    fast = [result([1, 2], 0.25), result([3, 9], 0.35), result([4, 5, 6, 7], 0.1), result([], 0.0, False)]
+    out = compare_modes(exact, fast)
+    assert out["prompts"] == 3 and out["same_sets"] == 1
+    assert out["exact"]["neurons_median"] == 2 and out["fast"]["neurons_median"] == 2
+    assert out["exact"]["neurons_max"] == 3 and out["fast"]["neurons_max"] == 4
+    assert out["fast"]["score_max"] == pytest.approx(0.35) and out["exact"]["below_threshold"] == 3
+    assert out["fast"]["union"] == 8 and out["exact"]["union"] == 6 and out["neurons_median_ratio"] == 1.0
+    with pytest.raises(ValueError):
+        compare_modes(exact, fast[:2])
