@@ -45,7 +45,12 @@ def _quiet_libraries():
     from diffusers.utils import logging as dlog
     from huggingface_hub.utils import disable_progress_bars
 
+    import warnings
+
     from transformers.utils import logging as tlog
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not for our users
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
     dlog.disable_progress_bar()
     dlog.set_verbosity_error()

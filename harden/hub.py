@@ -14,7 +14,6 @@ so private Hub deployments work from the library too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import typer
 
 from . import __version__
 from .errors import BadInputError, GateFailedError, HardenError, HubError
+from .export import sha256_file
 
 LAYOUTS = ("compact", "dense")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -90,21 +90,13 @@ def check_export(folder: Path) -> dict:
     expected = report.get("files")
     if isinstance(expected, dict):  # written by the export; every published file except README.md and report.json
         present = set(_local_files(folder)) - {"README.md", "harden/report.json"}
-        changed = sorted(p for p in expected if p not in present or _sha256(folder / p) != expected[p])
+        changed = sorted(p for p in expected if p not in present or sha256_file(folder / p) != expected[p])
         extra = sorted(present - set(expected))
         if changed or extra:
             what = f"{changed[0]} differs from report.json" if changed else f"{extra[0]} is not in report.json"
             raise BadInputError(f"the export was modified after harden wrote it: {what}",
                                 "export the run again rather than editing the folder")
     return report
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hub_endpoint() -> str:

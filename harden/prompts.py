@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import BadInputError
 from .export import write_atomic
-from .recipe import PromptItem, PromptSource
+from .recipe import PACKAGE_PREFIX, PromptItem, PromptSource, package_path
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,8 @@ def load_prompts(source: PromptSource, folder: Path, what: str) -> list[Prompt]:
 def _local(source: PromptSource, folder: Path, what: str) -> Path:
     if re.match(r"https?://", source.file):
         return fetch(source.file, source.sha256)
+    if source.file.startswith(PACKAGE_PREFIX):
+        return package_path(source.file)
     path = (folder / Path(source.file).expanduser()).resolve()
     if not path.is_file():
         raise BadInputError(f"{what}: prompt file {path} does not exist", "fix the path (relative to the recipe)")

@@ -345,12 +345,27 @@ def load_recipe(path: Path) -> LoadedRecipe:
                         sha256=hashlib.sha256(raw).hexdigest())
 
 
+PACKAGE_PREFIX = "zoo:"  # `zoo:memorizer` = the folder shipped inside the package (harden/zoo/memorizer)
+
+
+def package_path(value: str) -> Path:
+    """A path inside harden's shipped zoo (`zoo:memorizer/prompts.jsonl`); works for any kind of install."""
+    zoo = (Path(__file__).parent / "zoo").resolve()
+    path = (zoo / value[len(PACKAGE_PREFIX):]).resolve()
+    if zoo not in path.parents or not path.exists():
+        raise BadInputError(f"{value!r} is not in harden's zoo", "use zoo:memorizer (the shipped demo model)")
+    return path
+
+
 def resolve_model_path(model_id: str, folder: Path) -> Path | None:
     """A local folder for `model_id`, or None when it is a Hub id. Relative paths resolve against the recipe folder.
 
     Why the rule: `org/name` is both a valid Hub id and a valid relative path; an existing folder wins, and an id
     that starts like a path (`./`, `../`, `/`, `~`) is always local, so a missing folder is an error, not a download.
+    `zoo:NAME` is a model shipped inside harden.
     """
+    if model_id.startswith(PACKAGE_PREFIX):
+        return package_path(model_id)
     candidate = (folder / Path(model_id).expanduser()).resolve()
     if candidate.exists():
         return candidate

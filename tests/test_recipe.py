@@ -215,3 +215,13 @@ def test_parse_recipe_rejects_non_mappings():
     with pytest.raises(BadInputError, match="YAML mapping"):
         parse_recipe(["a"])
     assert json.loads(json.dumps(parse_recipe(recipe_dict()).model_dump(mode="json")))["seed"] == 0
+
+
+def test_zoo_ids_point_inside_the_package(tmp_path):
+    from harden.recipe import package_path
+
+    zoo = REPO / "harden" / "zoo"
+    assert resolve_model_path("zoo:alignment.py", tmp_path) == zoo / "alignment.py"
+    for bad in ("zoo:../recipe.py", "zoo:no-such-model"):
+        with pytest.raises(BadInputError, match="not in harden's zoo"):
+            package_path(bad)

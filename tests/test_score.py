@@ -48,6 +48,11 @@ def test_identical_inputs_score_one_and_small_latents_are_refused():
     assert torch.allclose(ms_ssim(x, x, ScoreSettings()), torch.ones(2))
     with pytest.raises(BadInputError, match="too small"):
         ms_ssim(x[..., :32, :32], x[..., :32, :32], ScoreSettings())
+    small = ScoreSettings(kernel_size=3)  # passes torchmetrics' own size check, but the 11-tap window does not fit
+    with pytest.raises(BadInputError, match="coarsest scale"):
+        ms_ssim(x[..., :16, :16], x[..., :16, :16], small)
+    two_scales = ScoreSettings(kernel_size=3, betas=(0.5, 0.5))
+    assert torch.allclose(ms_ssim(x[..., :16, :16], x[..., :16, :16], two_scales), torch.ones(2))
 
 
 def test_threshold_is_mean_plus_one_std():

@@ -16,8 +16,7 @@ from typing import Sequence
 import torch
 
 from ..neurons import NeuronSet
-from .batching import resolve_batching
-from .localize import Lists, LocalizeSettings, PromptResult, ScoreFn, initial_selection
+from .localize import Lists, LocalizeSettings, PromptResult, ScoreFn, localize_with
 from .stats import NeuronStats
 
 Entry = tuple[str, int]  # (layer, channel)
@@ -113,26 +112,8 @@ def localize_prompt_fast(scorer, embed: torch.Tensor, acts: dict[str, torch.Tens
 
     Seed filter and initial selection are exact mode's; only the refinement differs. Same keyword arguments.
     """
-    before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
-    reference = scorer.unblocked(embed) if unblocked is None else unblocked
-    per_seed, kept = scorer.seed_filter(reference)
-    result = PromptResult(prompt, bool(len(kept)), per_seed.tolist(), kept.tolist())
-    if result.memorized:
-        reference = reference[kept]
-        plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block)
-
-        def score(cands: Sequence[Lists]) -> list[torch.Tensor]:
-            return scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
-
-        initial, s0, tau, iters = initial_selection(score, acts, stats, settings, plan.speculate)
-        result.initial, result.initial_score, result.tau_refine, result.iterations = initial, s0, tau, iters
-        order = [t.name for t in scorer.targets]
-        final, s1 = (group_refine(score, initial, tau, order, s0, settings, plan.refine_block) if settings.refine
-                     else (initial, s0))
-        result.refined, result.refined_score = NeuronSet(final), s1
-    result.unet_forwards = scorer.counter.unet_forwards - before[0]
-    result.sample_forwards = scorer.counter.sample_forwards - before[1]
-    return result
+    return localize_with(group_refine, scorer, embed, acts, stats, settings, prompt, speculate,
+                         refine_block=refine_block, batch_size=batch_size, unblocked=unblocked)
 
 
 def compare_modes(exact: Sequence[PromptResult], fast: Sequence[PromptResult]) -> dict:

@@ -212,6 +212,14 @@ def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], 
     `refine_block` (speculative refinement trials per forward) and `batch_size` (samples per forward) default to
     `batching.resolve_batching`: sequential on CPU, from free memory on CUDA. Results never depend on them.
     """
+    return localize_with(refine, scorer, embed, acts, stats, settings, prompt, speculate, refine_block=refine_block,
+                         batch_size=batch_size, unblocked=unblocked)
+
+
+def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
+                  settings: LocalizeSettings, prompt: str, speculate: int | None, *, refine_block: int | None,
+                  batch_size: int | None, unblocked: torch.Tensor | None) -> PromptResult:
+    """Seed filter, initial selection, then `refine_fn` (exact `refine` or fast mode's `group_refine`)."""
     before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
     reference = scorer.unblocked(embed) if unblocked is None else unblocked
     per_seed, kept = scorer.seed_filter(reference)
@@ -226,7 +234,7 @@ def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], 
         initial, s0, tau, iters = initial_selection(score, acts, stats, settings, plan.speculate)
         result.initial, result.initial_score, result.tau_refine, result.iterations = initial, s0, tau, iters
         order = [t.name for t in scorer.targets]
-        final, s1 = (refine(score, initial, tau, order, s0, settings, plan.refine_block) if settings.refine
+        final, s1 = (refine_fn(score, initial, tau, order, s0, settings, plan.refine_block) if settings.refine
                      else (initial, s0))
         result.refined, result.refined_score = NeuronSet(final), s1
     result.unet_forwards = scorer.counter.unet_forwards - before[0]

@@ -38,15 +38,25 @@ class ScoreSettings:
 
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
-    """Per-pair MS-SSIM [N]. torchmetrics' data_range=None rule (max-min over the whole batch) is kept on purpose."""
-    need = (settings.kernel_size - 1) * 2 ** (len(settings.betas) - 1)
-    if min(a.shape[-2:]) <= need:
+    """Per-pair MS-SSIM [N]. torchmetrics' data_range=None rule (max-min over the whole batch) is kept on purpose.
+
+    With its Gaussian window (sigma 1.5, as the official code) torchmetrics always filters with 11 taps and uses
+    `kernel_size` only in its minimum-size check; so the latents need both that size and a coarsest scale wider
+    than the window's 5-pixel reflect padding.
+    """
+    scales = len(settings.betas)
+    side = min(a.shape[-2:])
+    need = (settings.kernel_size - 1) * 2 ** (scales - 1)
+    if side <= need or side // 2 ** (scales - 1) <= _GAUSSIAN_PAD:
         raise BadInputError(
-            f"latents of {tuple(a.shape[-2:])} are too small for {len(settings.betas)}-scale MS-SSIM with kernel "
-            f"{settings.kernel_size} (need more than {need} pixels per side)",
-            "use a larger sample size, or a smaller kernel_size / fewer betas in the detection settings")
+            f"latents of {tuple(a.shape[-2:])} are too small for {scales}-scale MS-SSIM (need more than "
+            f"{need} pixels per side and more than {_GAUSSIAN_PAD} at the coarsest scale)",
+            "use a larger sample size, or fewer betas (scales) in the detection settings")
     return multiscale_structural_similarity_index_measure(
         a.float(), b.float(), reduction="none", kernel_size=settings.kernel_size, betas=tuple(settings.betas))
+
+
+_GAUSSIAN_PAD = 5  # (11 - 1) / 2: torchmetrics' Gaussian window for sigma 1.5
 
 
 def normalize(delta: torch.Tensor) -> torch.Tensor:
