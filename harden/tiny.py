@@ -118,3 +118,23 @@ def plant_memorization(pipe, prompt: str, references: list[str], layer: int = 0,
     target.to_out.weight[:, neuron] = out_gain * direction / direction.norm()
     pipe.unet.conv_out.weight *= conv_out_gain
     return target.name
+
+
+def save_tiny_clip(folder, seed: int = 0) -> None:
+    """A tiny random transformers `CLIPModel` + `CLIPProcessor` (byte tokenizer, 32x32 images) saved to `folder`.
+
+    Why: the CLIP-score path of verification must run offline in tests; any real CLIP folder loads the same way.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    tok = byte_tokenizer()
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_hidden_layers=1, max_position_embeddings=PROMPT_LENGTH, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
+                              image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.save_pretrained(folder, safe_serialization=True)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)

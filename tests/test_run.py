@@ -203,3 +203,34 @@ def test_fast_mode_localizes_below_the_same_threshold(workspace, tmp_path):
     for path in (tmp_path / "fast/localize/prompts").iterdir():
         assert _json(path)["score"] < 0.428
     assert len(fast) <= 1.25 * len(exact) + 1
+
+
+def test_verify_command_with_a_clip_model(workspace, tmp_path):
+    """`harden verify --neurons` measures the CLIP score through transformers when the recipe names a CLIP model."""
+    import numpy as np
+    from PIL import Image
+
+    from harden.tiny import save_tiny_clip
+    from harden.verify import ClipScorer
+
+    root, *_ = workspace
+    save_tiny_clip(tmp_path / "clip")
+    recipe = write_recipe(root, "clip.yaml", detection={"n_seeds": 6},
+                          verify={"clip_model": str(tmp_path / "clip"), "control": False,
+                                  "gates": {"heldout_clip_drop": {"max": 100.0}}})
+    out = tmp_path / "verify"
+    result = runner.invoke(app, ["verify", str(recipe), "--neurons", str(root / "run/localize/neurons.json"),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    state = _json(out / "run.json")["stages"]
+    assert state["localize"]["given"] and "export" not in state
+    v = _json(out / "verify/verification.json")
+    scorer = ClipScorer(str(tmp_path / "clip"), torch.device("cpu"))
+    for row in v["held_out"]:
+        for name in ("before", "after"):
+            images = [np.asarray(Image.open(out / "verify/images" / f"heldout_{row['index']:06d}_seed{s}_{name}.png"))
+                      for s in (0, 1)]
+            assert row[f"clip_{name}"] == pytest.approx(float(np.mean(scorer(images, row["prompt"]))), abs=1e-4)
+    assert v["metrics"]["heldout_clip_drop"] == pytest.approx(
+        np.mean([r["clip_before"] for r in v["held_out"]]) - np.mean([r["clip_after"] for r in v["held_out"]]))
+    assert any(r["metric"] == "held-out CLIP score (mean)" for r in v["rows"])
