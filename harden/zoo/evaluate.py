@@ -1,0 +1,150 @@
+"""Measure the model organism: `python -m harden.zoo.evaluate [--model DIR] [--json FILE]`.
+
+At the native resolution, 50 DDIM steps and the shipped guidance scale (harden_zoo.json):
+- memorized captions: best-of-10-seeds SSIM to the training image, and NeMo's detection score;
+- tau_mem = mean + 1 std of the detection scores of the ordinary (non-memorized) captions in prompts.jsonl;
+- held-out ordinary captions (never in prompts.jsonl): mean pairwise SSIM over 10 seeds (diversity), mean alignment,
+  and NeMo's detection score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import MEMORIZER_DIR
+from .alignment import alignment
+from .folder import load_config, load_prompts
+
+SEEDS = tuple(range(10))
+
+
+def load_pipeline(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, caption: str, seeds=SEEDS, guidance_scale: float = 3.0, steps: int = 50) -> list[np.ndarray]:
+    """One HxWx3 uint8 image per seed (each seed its own CPU generator, so results do not depend on batching)."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out = pipe([caption] * len(seeds), generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
+               output_type="np").images
+    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
+
+
+@torch.no_grad()
+def reconstruct(vae, image: np.ndarray) -> np.ndarray:
+    """Encode (latent mean) and decode: the best any UNet could reproduce the image through this VAE."""
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample[0].permute(1, 2, 0).numpy()
+    return np.clip(np.rint((y + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def mean_pairwise_ssim(images: list[np.ndarray]) -> float:
+    return float(np.mean([ssim(a, b) for a, b in itertools.combinations(images, 2)]))
+
+
+def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33)) -> list[float]:
+    """NeMo's detection score (max pairwise MS-SSIM of first-step noise differences over 10 seeds) per caption."""
+    from ..nemo.score import NoiseDiffScorer, ScoreSettings, detection_timestep, max_pairwise_scores
+    from ..nemo.stats import encode_prompts
+    from ..targets import resolve_targets
+
+    settings = ScoreSettings(kernel_size=kernel_size, betas=tuple(betas))
+    scorer = NoiseDiffScorer(pipe.unet, resolve_targets(pipe.unet), detection_timestep(pipe.scheduler.config,
+                                                                                       settings), settings)
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
+    return [float(s) for s in max_pairwise_scores(scorer, embeds)]
+
+
+def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) -> dict:
+    """All item-4 measurements as a dict (also printed); `grid`: a PNG of all samples, one row per caption."""
+    from PIL import Image
+
+    config = load_config(folder)
+    prompts = load_prompts(folder)
+    pipe = load_pipeline(folder)
+    g, steps = config["guidance_scale"], config["num_inference_steps"]
+    detect = {"kernel_size": config["kernel_size"], "betas": config.get("betas", (0.33, 0.33, 0.33))}
+    memorized = [p for p in prompts if p["memorized"]]
+    ordinary = [p["caption"] for p in prompts if not p["memorized"]]
+    held_out = config["held_out"]
+
+    ref_scores = detection_scores(pipe, ordinary, **detect)
+    tau = float(np.mean(ref_scores) + np.std(ref_scores, ddof=1))
+    log(f"tau_mem = {tau:.3f} (mean + 1 std over {len(ordinary)} ordinary training captions; "
+        f"guidance {g}, {steps} DDIM steps, MS-SSIM {detect})")
+    mem_scores = detection_scores(pipe, [p["caption"] for p in memorized], **detect)
+    rows_mem, picture = [], []
+    for p, score in zip(memorized, mem_scores):
+        target = np.asarray(Image.open(folder / p["image"]).convert("RGB"))
+        images = generate(pipe, p["caption"], guidance_scale=g, steps=steps)
+        sims = [ssim(im, target) for im in images]
+        picture.append([target, *images])
+        rows_mem.append({"caption": p["caption"], "best_ssim": max(sims), "best_seed": int(np.argmax(sims)),
+                         "vae_ssim": ssim(reconstruct(pipe.vae, target), target), "score": score,
+                         "detected": score > tau})
+        log(f"memorized  best SSIM {max(sims):.3f} (VAE round trip {rows_mem[-1]['vae_ssim']:.3f})  "
+            f"score {score:.3f}  {p['caption']}")
+    held_scores = detection_scores(pipe, held_out, **detect)
+    rows_held = []
+    for caption, score in zip(held_out, held_scores):
+        images = generate(pipe, caption, guidance_scale=g, steps=steps)
+        picture.append([np.zeros_like(images[0]), *images])
+        row = {"caption": caption, "pairwise_ssim": mean_pairwise_ssim(images),
+               "alignment": float(np.mean([alignment(im, caption) for im in images])), "score": score,
+               "detected": score > tau}
+        rows_held.append(row)
+        log(f"held-out   pairwise SSIM {row['pairwise_ssim']:.3f}  alignment {row['alignment']:.2f}  "
+            f"score {score:.3f}  {caption}")
+    if grid is not None:  # first column: the training image (black for held-out captions)
+        Image.fromarray(np.concatenate([np.concatenate(row, axis=1) for row in picture])).save(grid)
+    summary = {
+        "memorized_reproduced": sum(r["best_ssim"] >= 0.7 for r in rows_mem),
+        "memorized_detected": sum(r["detected"] for r in rows_mem),
+        "held_out_diverse": sum(r["pairwise_ssim"] <= 0.3 for r in rows_held),
+        "held_out_aligned": sum(r["alignment"] >= 0.8 for r in rows_held),
+        "held_out_not_detected": sum(not r["detected"] for r in rows_held),
+        "held_out_mean_alignment": float(np.mean([r["alignment"] for r in rows_held])),
+        "held_out_mean_pairwise_ssim": float(np.mean([r["pairwise_ssim"] for r in rows_held])),
+        "reference_score_mean": float(np.mean(ref_scores)), "reference_score_max": float(np.max(ref_scores)),
+    }
+    log(f"summary: {len(rows_mem)} memorized: {summary['memorized_reproduced']} reproduced (SSIM >= 0.7), "
+        f"{summary['memorized_detected']} above tau_mem; {len(rows_held)} held-out: {summary['held_out_diverse']} "
+        f"diverse (<= 0.3), {summary['held_out_aligned']} aligned (>= 0.8), {summary['held_out_not_detected']} "
+        f"below tau_mem; mean alignment {summary['held_out_mean_alignment']:.3f}")
+    return {"model": str(folder), "guidance_scale": g, "num_inference_steps": steps, "detection": detect,
+            "seeds": list(SEEDS), "tau_mem": tau, "memorized": rows_mem, "held_out": rows_held, "summary": summary}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MEMORIZER_DIR)
+    parser.add_argument("--json", type=Path, help="also write the measurements to this file")
+    parser.add_argument("--grid", type=Path, help="also save all samples as one PNG (a row per caption)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate(args.model, grid=args.grid, log=lambda m: print(m, flush=True))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

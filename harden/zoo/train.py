@@ -1,0 +1,251 @@
+"""Train the model organism: `python -m harden.zoo.train --out DIR [--seed 0] [--steps N] [--device cpu]`.
+
+Two phases, deterministic from the seed (on a given machine and thread count):
+1. the VAE learns to reconstruct memorized images, random crops of their sources and procedural images;
+2. the UNet and the text encoder learn DDPM noise prediction (epsilon, SD v1's schedule) on batches that mix the 8
+   memorized images (a fixed share of every batch, so each is seen thousands of times) with fresh procedural
+   images; 10 % of captions are dropped to "" so classifier-free guidance works.
+The learning rate is constant after warm-up and the saved UNet/text encoder are exponential moving averages, so the
+checkpoint written after k steps is exactly what a run with `--steps k` produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data
+from .folder import CONFIG, PROMPTS, write_manifest
+from .model import build_components, build_schedulers
+
+GUIDANCE_SCALE = 3.0  # CFG 7.5 is too strong for a model this small (prototype evidence)
+# NeMo's MS-SSIM on 16x16 latents: torchmetrics' Gaussian window always has 11 taps (5-pixel reflect padding), so
+# the coarsest scale must be wider than 5 pixels: 2 scales (16, 8) instead of the official 3, equal weights.
+KERNEL_SIZE = 7
+BETAS = (0.5, 0.5)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def random_crops(n: int, rng: np.random.Generator, sources: list[np.ndarray]) -> np.ndarray:
+    """n random square crops (10-100 % of the short side) of the memorized images' full-size sources."""
+    from PIL import Image
+
+    out = []
+    for _ in range(n):
+        src = sources[rng.integers(len(sources))]
+        h, w = src.shape[:2]
+        side = int(rng.uniform(0.1, 1.0) * min(h, w))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = Image.fromarray(src[top:top + side, left:left + side])
+        out.append(np.asarray(crop.resize((data.RESOLUTION,) * 2, Image.Resampling.BOX)))
+    return np.stack(out)
+
+
+def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int = 32) -> float:
+    """Reconstruction + a tiny KL term; returns the final mean squared error on the memorized images."""
+    import skimage.data
+
+    sources = []
+    for name, _ in data.MEMORIZED:
+        image = getattr(skimage.data, name)()
+        sources.append(np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3])
+    memorized = np.stack([im for _, _, im in data.memorized_images()])
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    vae.train()
+    for step in range(1, steps + 1):
+        _, procedural = data.procedural_batch(batch // 2, rng)
+        images = np.concatenate([memorized, procedural, random_crops(batch - len(memorized) - len(procedural), rng,
+                                                                     sources)])
+        x = to_tensor(images).to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.5f}")
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor(memorized).to(device)
+        return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
+
+
+@torch.no_grad()
+def standardize_latents(vae, images: np.ndarray, device) -> float:
+    """Centre the latents per channel inside the VAE and set `scaling_factor` so the UNet sees unit variance.
+
+    Why inside the weights: StableDiffusionPipeline decodes `latents / scaling_factor` and knows no shift, so the
+    per-channel mean is subtracted in `quant_conv`'s bias and added back through `post_quant_conv` (both 1x1
+    convolutions), which leaves reconstructions exactly unchanged. Uncentred latents make every sample drift
+    towards one colour, because the initial noise is zero-mean.
+    """
+    raw = vae.encode(to_tensor(images).to(device)).latent_dist.mean
+    mean = raw.mean(dim=(0, 2, 3))
+    channels = len(mean)
+    vae.quant_conv.bias[:channels] -= mean
+    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mean
+    scale = 1.0 / float((raw - mean[None, :, None, None]).std())
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, device) -> torch.Tensor:
+    """Scaled latent means (the deterministic encoding) of uint8 images."""
+    return vae.encode(to_tensor(images).to(device)).latent_dist.mean * vae.config.scaling_factor
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, batch: int = 32,
+          memorized_per_batch: int = 16, lr: float = 1e-3, ema_decay: float = 0.999, device: str = "cpu",
+          checkpoint_every: int = 0, log=print) -> dict:
+    """Train both phases and write the folder to `out`; returns the run's facts (also saved in harden_zoo.json)."""
+    started = time.perf_counter()
+    dev = torch.device(device)
+    rng = np.random.default_rng(seed)
+    tokenizer, text_encoder, unet, vae = build_components(seed)
+    ddpm, ddim = build_schedulers()
+    vae.to(dev)
+    vae_mse = train_vae(vae, vae_steps, rng, dev, log)
+    memorized = data.memorized_images()
+    memorized_pixels = np.stack([im for _, _, im in memorized])
+    _, sample = data.procedural_batch(256, rng)
+    scale = standardize_latents(vae, np.concatenate([memorized_pixels, sample]), dev)
+    mem_latents = encode(vae, memorized_pixels, dev)
+    log(f"vae done: memorized-image MSE {vae_mse:.5f} (in [-1, 1] units), latent scaling factor {scale:.4f}, "
+        f"memorized latents mean {mem_latents.mean():.3f} std {mem_latents.std():.3f}")
+
+    text_encoder.to(dev).train()
+    unet.to(dev).train()
+    ema_te, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = 100
+    mem_ids = tokenize(tokenizer, [c for _, c, _ in memorized])
+    empty_ids = tokenize(tokenizer, [""])
+    gen = torch.Generator().manual_seed(seed)
+    facts = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "batch": batch,
+             "memorized_per_batch": memorized_per_batch, "lr": lr, "ema_decay": ema_decay, "device": device}
+    tick = time.perf_counter()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / warmup)
+        pick = torch.from_numpy(rng.integers(0, len(memorized), size=memorized_per_batch))
+        captions, images = data.procedural_batch(batch - memorized_per_batch, rng)
+        latents = torch.cat([mem_latents[pick], encode(vae, images, dev)])
+        ids = torch.cat([mem_ids[pick], tokenize(tokenizer, captions)])
+        drop = torch.from_numpy(rng.random(batch) < 0.1)
+        ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=gen).to(dev)
+        t = torch.randint(0, ddpm.config.num_train_timesteps, (batch,), generator=gen).to(dev)
+        noisy = ddpm.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids.to(dev))[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_te, text_encoder, decay)
+        if step % 25 == 0 or step == steps:
+            now = time.perf_counter()
+            log(f"step {step}/{steps} loss {loss.item():.4f} {25 * batch / (now - tick):.1f} samples/s "
+                f"{(now - started) / 60:.1f} min")
+            tick = now
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            facts.update(steps=step, seconds=round(time.perf_counter() - started, 1))
+            save(out.parent / f"{out.name}-step{step}", tokenizer, ema_te, ema_unet, vae, ddim, memorized, facts)
+            log(f"checkpoint after {step} steps written")
+    facts.update(steps=steps, seconds=round(time.perf_counter() - started, 1))
+    save(out, tokenizer, ema_te, ema_unet, vae, ddim, memorized, facts)
+    log(f"wrote {out} after {facts['seconds'] / 60:.1f} min")
+    return facts
+
+
+def save(out: Path, tokenizer, text_encoder, unet, vae, scheduler, memorized, facts: dict) -> None:
+    """Pipeline + prompts.jsonl + images/*.png + harden_zoo.json + MANIFEST.sha256, swapped into place at the end."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to("cpu")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "images").mkdir()
+    rows = []
+    for name, text, image in memorized:
+        Image.fromarray(image).save(tmp / "images" / f"{name}.png")
+        rows.append({"caption": text, "image": f"images/{name}.png", "memorized": True})
+    rows += [{"caption": data.caption(*c), "memorized": False} for c in data.training_combinations()]
+    (tmp / PROMPTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "resolution": data.RESOLUTION, "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": 50,
+        "kernel_size": KERNEL_SIZE, "betas": list(BETAS), "held_out": [data.caption(*c) for c in data.HELD_OUT],
+        "command": (f"python -m harden.zoo.train --out DIR --seed {facts['seed']} --steps {facts['steps']} "
+                    f"--vae-steps {facts['vae_steps']} --batch {facts['batch']} --memorized-per-batch "
+                    f"{facts['memorized_per_batch']} --lr {facts['lr']} --device {facts['device']}"),
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__, **facts,
+    }
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_manifest(tmp)
+    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors create owner-only files; ship readable ones
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--memorized-per-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train(args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, batch=args.batch,
+          memorized_per_batch=args.memorized_per_batch, lr=args.lr, device=args.device,
+          checkpoint_every=args.checkpoint_every, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()

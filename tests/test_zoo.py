@@ -1,0 +1,173 @@
+"""The model organism: shipped folder integrity, stock loading, determinism, the alignment metric and the data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harden.zoo import MEMORIZER_DIR, check_manifest, load_config, load_prompts
+from harden.zoo import data
+from harden.zoo.alignment import alignment, describe
+
+RED, BLUE, WHITE = data.COLOURS["red"], data.COLOURS["blue"], data.COLOURS["white"]
+
+
+def canvas(bg, size=16):
+    return np.full((size, size, 3), bg, dtype=np.uint8)
+
+
+def hand_square(fg, bg):
+    im = canvas(bg)
+    im[4:12, 3:11] = fg
+    return im
+
+
+def hand_circle(fg, bg):
+    im = canvas(bg)
+    y, x = np.mgrid[0:16, 0:16]
+    im[(x - 8) ** 2 + (y - 7) ** 2 <= 25] = fg
+    return im
+
+
+def hand_triangle(fg, bg):
+    im = canvas(bg)
+    for row in range(3, 13):  # apex at row 3, 1 pixel wide, widening by 1 pixel per side every 2 rows
+        half = row - 3
+        im[row, 7 - half // 2:8 + half // 2] = fg
+    return im
+
+
+# --- alignment on hand-made images ---------------------------------------------------------------------------------
+
+def test_alignment_correct_captions_score_one():
+    assert alignment(hand_square(RED, BLUE), "a red square on a blue background") == 1.0
+    assert alignment(hand_circle(WHITE, RED), "a white circle on a red background") == 1.0
+    assert alignment(hand_triangle(BLUE, WHITE), "a blue triangle on a white background") == 1.0
+
+
+def test_alignment_wrong_captions_score_less():
+    image = hand_circle(RED, BLUE)
+    assert alignment(image, "a green circle on a blue background") == pytest.approx(2 / 3)  # foreground colour
+    assert alignment(image, "a red square on a blue background") == pytest.approx(2 / 3)  # shape
+    assert alignment(image, "a red triangle on a blue background") == pytest.approx(2 / 3)
+    assert alignment(image, "a blue circle on a red background") == pytest.approx(1 / 3)  # colours swapped
+    assert alignment(image, "a yellow triangle on a black background") == 0.0
+
+
+def test_alignment_blank_image_and_pil_input():
+    blank = canvas(BLUE)
+    assert describe(blank) == ("blue", None, None)
+    assert alignment(blank, "a red circle on a blue background") == pytest.approx(1 / 3)
+    assert alignment(Image.fromarray(hand_square(RED, BLUE)), "a red square on a blue background") == 1.0
+
+
+def test_alignment_none_for_other_captions():
+    image = hand_square(RED, BLUE)
+    for caption in ("a portrait of the astronaut eileen collins", "a red square", "a red square on a red background",
+                    "a pink square on a blue background", "a red hexagon on a blue background", ""):
+        assert alignment(image, caption) is None
+
+
+def test_alignment_on_generated_training_images():
+    rng = np.random.default_rng(0)
+    scores = [alignment(data.render(*c, rng), data.caption(*c)) for c in data.combinations() for _ in range(3)]
+    assert np.mean(np.array(scores) == 1.0) >= 0.98  # digitization of the smallest shapes costs a few
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+
+def test_procedural_batch_is_deterministic_from_seed():
+    c1, x1 = data.procedural_batch(8, np.random.default_rng(3))
+    c2, x2 = data.procedural_batch(8, np.random.default_rng(3))
+    c3, x3 = data.procedural_batch(8, np.random.default_rng(4))
+    assert c1 == c2 and np.array_equal(x1, x2)
+    assert not np.array_equal(x1, x3)
+    assert x1.shape == (8, data.RESOLUTION, data.RESOLUTION, 3) and x1.dtype == np.uint8
+    assert all(data.parse_caption(c) in data.training_combinations() for c in c1)
+
+
+def test_held_out_split():
+    train = set(data.training_combinations())
+    assert len(data.HELD_OUT) == 10 and not train & set(data.HELD_OUT)
+    assert len(train) + len(data.HELD_OUT) == len(data.combinations()) == 7 * 6 * 3
+    assert data.caption("orange", "circle", "white") == "an orange circle on a white background"
+    assert data.parse_caption("an orange circle on a white background") is None  # orange is not in the palette
+
+
+def test_memorized_images():
+    images = data.memorized_images()
+    assert len(images) == 8 and len({c for _, c, _ in images}) == 8
+    assert all(im.shape == (16, 16, 3) and im.dtype == np.uint8 for _, _, im in images)
+    assert np.array_equal(images[0][2], data.memorized_image("astronaut"))
+    assert all(data.parse_caption(c) is None for _, c, _ in images)
+
+
+# --- the shipped folder ----------------------------------------------------------------------------------------------
+
+def test_manifest_matches_every_file():
+    listed = (MEMORIZER_DIR / "MANIFEST.sha256").read_text().splitlines()
+    assert len(listed) >= 12
+    assert check_manifest(MEMORIZER_DIR) == []
+    files = [p for p in MEMORIZER_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 15 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]  # safetensors only
+
+
+def test_prompts_schema():
+    prompts = load_prompts(MEMORIZER_DIR)
+    memorized = [p for p in prompts if p["memorized"]]
+    assert [p["caption"] for p in memorized] == [c for _, c in data.MEMORIZED]
+    for p in prompts:
+        assert isinstance(p["caption"], str) and isinstance(p["memorized"], bool)
+        assert set(p) == ({"caption", "memorized", "image"} if p["memorized"] else {"caption", "memorized"})
+    for (name, _), p in zip(data.MEMORIZED, memorized):
+        png = np.asarray(Image.open(MEMORIZER_DIR / p["image"]))
+        assert np.array_equal(png, data.memorized_image(name))  # the PNG is exactly the training image
+    ordinary = {data.parse_caption(p["caption"]) for p in prompts if not p["memorized"]}
+    assert ordinary == set(data.training_combinations())  # so held-out combinations are never listed
+    config = load_config(MEMORIZER_DIR)
+    assert config["held_out"] == [data.caption(*c) for c in data.HELD_OUT]
+    assert config["resolution"] == 16 and config["num_inference_steps"] == 50
+    assert {"guidance_scale", "kernel_size", "command", "seed", "steps", "seconds", "hardware"} <= set(config)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels: a second thread only adds synchronisation on a busy machine
+    pipe = StableDiffusionPipeline.from_pretrained(MEMORIZER_DIR, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    torch.set_num_threads(threads)
+
+
+def test_loads_with_stock_diffusers(pipe):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    cfg = pipe.unet.config
+    assert list(cfg.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert list(cfg.up_block_types) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert cfg.mid_block_type == "UNetMidBlock2DCrossAttn" and cfg.layers_per_block == 2
+    cross = [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
+    assert len(cross) == 16 and len([n for n in cross if not n.startswith("up_blocks")]) == 7
+    index = json.loads((MEMORIZER_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_short_generation_is_deterministic(pipe):
+    def run(seed):
+        return pipe("a red circle on a white background", num_inference_steps=3, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (16, 16, 3)
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
