@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -197,13 +196,10 @@ def load_hardened(repo_or_folder: str | Path, **kwargs):
     """`DiffusionPipeline.from_pretrained` for a harden export (Hub id or folder) without running remote code.
 
     Dense exports load as they are. For compact ones, harden's own `CompactUNet2DConditionModel` is loaded from
-    `unet/` and passed as `unet=`. diffusers resolves the model_index entry `["compact_unet", ...]` from
-    `sys.modules` and checks the passed UNet against that module's `ModelMixin`, so harden's module is registered
-    under that name first (it is the same code as the `unet/compact_unet.py` the export ships).
+    `unet/` and passed as `unet=` (importing it registers the module under the name model_index.json uses).
     """
-    from diffusers import DiffusionPipeline, ModelMixin
+    from diffusers import DiffusionPipeline
 
-    from . import compact_unet
     from .compact_unet import CompactUNet2DConditionModel
 
     source = str(repo_or_folder)
@@ -211,9 +207,6 @@ def load_hardened(repo_or_folder: str | Path, **kwargs):
                                                       if k in ("revision", "cache_dir", "token", "local_files_only")})
     if (config.get("unet") or [None])[0] != "compact_unet":
         return DiffusionPipeline.from_pretrained(source, **kwargs)
-    if not hasattr(compact_unet, "ModelMixin"):
-        compact_unet.ModelMixin = ModelMixin
-    sys.modules.setdefault("compact_unet", compact_unet)
     unet_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only",
                                                             "torch_dtype")}
     unet = CompactUNet2DConditionModel.from_pretrained(source, subfolder="unet", **unet_kwargs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from .errors import BadInputError
 from .export import LAYOUTS, atomic_folder, save_pipeline
@@ -16,7 +15,7 @@ from .loading import load_pipeline
 from .nemo.stats import encode_prompts
 from .prune import prune_compact, prune_dense
 from .recipe import ModelSection
-from .report import reload_check
+from .report import reload_check, reload_tolerance
 from .runner import read_neurons, write_neurons
 
 
@@ -41,8 +40,7 @@ def prune_to_folder(model: str, neurons_path: Path, out: Path, layout: str = "co
             save_pipeline(pipe, unet, folder, name)
             write_neurons(folder / "harden" / "neurons.json", neurons)
             diff = reload_check(folder, name, unet, embeds, 500)
-            tolerance = 1e-5 if next(unet.parameters()).dtype == torch.float32 else 1e-2
-            if not diff <= tolerance:
+            if not diff <= reload_tolerance(unet):
                 raise BadInputError(f"the {name} export does not reproduce the pruned model (max|diff| {diff:.3g})",
                                     "this is a bug in harden; please report it")
             written[out if len(unets) == 1 else out / name] = diff
