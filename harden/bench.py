@@ -21,7 +21,8 @@ from .errors import BadInputError, HardenError
 from .nemo.fast import compare_modes, localize_prompt_fast
 from .nemo.localize import LocalizeSettings, PromptResult, localize_prompt, ood_candidates, schedule
 from .nemo.reference import reference_localize_prompt
-from .nemo.score import NoiseDiffScorer, ScoreSettings, detection_timestep
+from .nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
+                         max_pairwise_scores)
 from .nemo.stats import NeuronStats, compute_stats, encode_prompts, iter_embeddings, value_activations
 from .targets import resolve_targets
 
@@ -69,22 +70,33 @@ def _timed(seconds: dict, name: str, fn: Callable):
 
 
 def _pipeline_workload(name: str, pipe, memorized: list[str], references: list[str], seeds: int, device,
-                       seconds: dict, notes: list[str]) -> Workload:
-    """A real pipeline: statistics from the reference captions, NeMo's default thresholds."""
+                       seconds: dict, notes: list[str], settings: ScoreSettings | None = None,
+                       tau_prompts: int = 0) -> Workload:
+    """A real pipeline: statistics from the reference captions; NeMo's default thresholds, or with `tau_prompts`
+    the calibrated tau_mem (mean + 1 std over that many references) for the seed filter and both search tests."""
     if len(references) < 2:
         raise BadInputError(f"{name}: need at least 2 reference prompts for the statistics, got {len(references)}")
     unet = pipe.unet.to(device).eval()
     pipe.text_encoder.to(device)
     targets = resolve_targets(unet)
     size = unet.config.sample_size
-    settings = ScoreSettings(n_seeds=seeds, kernel_size=kernel_for(size if isinstance(size, int) else min(size)))
+    settings = settings or ScoreSettings(n_seeds=seeds,
+                                         kernel_size=kernel_for(size if isinstance(size, int) else min(size)))
+    timestep = detection_timestep(pipe.scheduler.config, settings)
     stats = _timed(seconds, "calibration", lambda: compute_stats(
         iter_embeddings(pipe.tokenizer, pipe.text_encoder, references, 64), targets))
+    loc = LocalizeSettings()
+    if tau_prompts:
+        probe = NoiseDiffScorer(unet, targets, timestep, settings)  # not counted: calibration is not localization
+        tau = _timed(seconds, "tau_mem", lambda: calibrate_threshold(max_pairwise_scores(
+            probe, encode_prompts(pipe.tokenizer, pipe.text_encoder, references[:tau_prompts]))))
+        settings = replace(settings, seed_threshold=tau)
+        loc = LocalizeSettings(tau_initial=tau, tau_refine=tau)
+        notes.append(f"tau_mem {tau:.4f} (mean + 1 std over {min(tau_prompts, len(references))} references) for the "
+                     "seed filter, initial selection and refinement")
     embeds = _timed(seconds, "embeddings", lambda: encode_prompts(pipe.tokenizer, pipe.text_encoder, memorized))
-    prompts = [(p, embeds[i:i + 1], _acts(embeds[i:i + 1], targets), LocalizeSettings()) for i, p in
-               enumerate(memorized)]
-    return Workload(name, settings, unet, detection_timestep(pipe.scheduler.config, settings), stats, prompts, notes,
-                    seconds)
+    prompts = [(p, embeds[i:i + 1], _acts(embeds[i:i + 1], targets), loc) for i, p in enumerate(memorized)]
+    return Workload(name, settings, unet, timestep, stats, prompts, notes, seconds)
 
 
 def memorizer_workload(folder: Path, n_prompts: int, seeds: int, device) -> Workload:
@@ -100,7 +112,12 @@ def memorizer_workload(folder: Path, n_prompts: int, seeds: int, device) -> Work
     memorized = [r["caption"] for r in rows if r.get("memorized")]
     references = [r["caption"] for r in rows if not r.get("memorized")]
     memorized = memorized[:n_prompts] if n_prompts else memorized
-    return _pipeline_workload(f"memorizer ({folder})", pipe, memorized, references, seeds, device, seconds, [])
+    config = json.loads((folder / "harden_zoo.json").read_text()) if (folder / "harden_zoo.json").exists() else {}
+    settings = None
+    if "betas" in config:  # the organism's own MS-SSIM (16x16 latents: 2 scales), as recipes/demo.yaml uses it
+        settings = ScoreSettings(n_seeds=seeds, kernel_size=config["kernel_size"], betas=tuple(config["betas"]))
+    return _pipeline_workload(f"memorizer ({folder})", pipe, memorized, references, seeds, device, seconds, [],
+                              settings, tau_prompts=40)
 
 
 def planted_workload(n_prompts: int, seeds: int, device) -> Workload:
@@ -193,7 +210,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine_block: int | None = None,
-              speculate: int | None = None, log=print) -> dict:
+              speculate: int | None = None, log=print, early_reject: bool = False) -> dict:
     """Localize every prompt in each mode; per prompt and total forwards, seconds, peak memory; speed-ups."""
     device = next(work.unet.parameters()).device
     out: dict = {"modes": {}}
@@ -204,7 +221,7 @@ def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine
             torch.cuda.reset_peak_memory_stats(device)
         scorer = work.scorer()
         kwargs = {} if mode == "reference" else dict(batch_size=batch_size, refine_block=refine_block,
-                                                     speculate=speculate)
+                                                     speculate=speculate, early_reject=early_reject)
         rows, results[mode] = [], []
         start = time.perf_counter()
         for text, embed, acts, loc in work.prompts:
@@ -320,6 +337,8 @@ def bench_command(
                                                          "(NeMo: 5; lower gives wider initial sets).")] = None,
     k_start: Annotated[Optional[int], typer.Option("--k-start", help="memorizer/planted: initial top-k.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all numbers to this JSON file.")] = None,
+    early_reject: Annotated[bool, typer.Option("--early-reject", help="Exact and fast mode stop at the first seed "
+                                               "that fails a candidate (same decisions).")] = False,
 ):
     """Time localization in the official order, exact mode and fast mode on the same prompts; print speed-ups."""
     from diffusers.utils import logging as diffusers_logging
@@ -347,8 +366,9 @@ def bench_command(
         else:
             raise BadInputError(f"--model {model!r} is not one of memorizer, planted, sd14-random")
         if model != "sd14-random" and (theta_start is not None or k_start is not None):
-            loc = LocalizeSettings(theta_start=5.0 if theta_start is None else theta_start, k_start=k_start or 0)
-            work.prompts = [(p, e, a, loc) for p, e, a, _ in work.prompts]
+            work.prompts = [(p, e, a, replace(loc, theta_start=5.0 if theta_start is None else theta_start,
+                                              k_start=k_start or 0)) for p, e, a, loc in work.prompts]
+            loc = work.prompts[0][3]
             work.notes.append(f"initial selection from theta {loc.theta_start}, k {loc.k_start}")
         typer.echo(f"bench: {work.name} on {dev} ({'fp16 autocast' if dev.type == 'cuda' else 'fp32'}), "
                    f"{len(work.prompts)} prompts, {seeds} seeds, torch threads {torch.get_num_threads()}")
@@ -357,7 +377,9 @@ def bench_command(
         typer.echo("setup seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in work.setup_seconds.items()))
         report = {"model": model, "name": work.name, "device": str(dev), "seeds": seeds, "notes": work.notes,
                   "setup_seconds": work.setup_seconds}
-        report.update(run_modes(work, chosen, batch_size, refine_block, speculate, log=typer.echo))
+        report["early_reject"] = early_reject
+        report.update(run_modes(work, chosen, batch_size, refine_block, speculate, log=typer.echo,
+                                early_reject=early_reject))
         if calib_prompts:
             report["calibration"] = calibration_throughput(calib_prompts, dev, log=typer.echo)
     except HardenError as err:

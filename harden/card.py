@@ -129,8 +129,10 @@ def _context(folder: Path, report: dict, base_id, is_hub_id: bool, revision, lic
 
     verification = (report.get("verification") or {}).get("rows") or []
     has_control = any(r.get("control") is not None for r in verification)
+    has_exact = any(r.get("exact_mode") is not None for r in verification)  # fast mode's comparison
     vrows = [{"metric": _fmt(r.get("metric")), "before": _fmt(r.get("before")), "after": _fmt(r.get("after")),
-              "control": _fmt(r.get("control")), "better": _fmt(r.get("better"))} for r in verification]
+              "control": _fmt(r.get("control")), "exact_mode": _fmt(r.get("exact_mode")),
+              "better": _fmt(r.get("better"))} for r in verification]
 
     gates = [{"name": _fmt(g.get("name")), "metric": _fmt(g.get("metric")),
               "condition": f"{g.get('op', '')} {_fmt(g.get('threshold'))}", "value": _fmt(g.get("value")),
@@ -165,9 +167,24 @@ def _context(folder: Path, report: dict, base_id, is_hub_id: bool, revision, lic
         "heldout_figure": _figure(folder, "heldout_grid.png"),
         "verification_rows": vrows,
         "has_control": has_control,
+        "has_exact": has_exact,
+        "mode_rows": _mode_rows((report.get("localization") or {}).get("compare")),
         "gates": gates,
         "outcome": outcome,
     }
+
+
+def _mode_rows(compare: dict | None) -> list[dict]:
+    """Fast vs exact mode rows (localize/compare.json), when the run localized in fast mode with a comparison."""
+    if not compare:
+        return []
+    names = [("prompts", None), ("neurons per prompt (median)", "neurons_median"),
+             ("neurons per prompt (max)", "neurons_max"), ("neurons in the union", "union"),
+             ("final score (mean)", "score_mean"), ("final score (max)", "score_max"),
+             ("prompts below their threshold", "below_threshold"), ("UNet forwards", "unet_forwards"),
+             ("sample-forwards", "sample_forwards"), ("seconds", "seconds")]
+    return [{"name": name, "fast": _fmt(compare["prompts"] if key is None else compare["fast"].get(key)),
+             "exact": _fmt(compare["prompts"] if key is None else compare["exact"].get(key))} for name, key in names]
 
 
 def _figure(folder: Path, name: str) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import __version__
@@ -36,6 +37,8 @@ from .targets import resolve_targets
 
 STAGES = ("calibrate", "detect", "localize", "prune", "verify", "export")
 FAULT_ENV = "HARDEN_FAULT_KILL_AFTER_PROMPTS"  # tests: SIGKILL this process after N localized prompts
+UNBLOCKED_CACHE_BYTES = 1 << 30  # detection saves the unblocked deltas for localization up to this size
+UNBLOCKED_FILE = "unblocked.safetensors"
 
 
 class SilentUI:
@@ -192,13 +195,17 @@ class Run:
     def embeds(self, prompts: list[Prompt]) -> torch.Tensor:
         return encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [p.text for p in prompts]).cpu()
 
-    def scores(self, scorer: NoiseDiffScorer, prompts: list[Prompt], advance) -> list[float]:
-        """Max pairwise score per prompt, prompts batched by the UNet batch size."""
+    def scores(self, scorer: NoiseDiffScorer, prompts: list[Prompt], advance,
+               keep_deltas: list | None = None) -> list[float]:
+        """Max pairwise score per prompt, prompts batched by the UNet batch size (deltas kept on the CPU if asked)."""
         per_call = max(1, scorer.settings.max_batch // scorer.settings.n_seeds)
         out: list[float] = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start:start + per_call]
-            out += max_pairwise_scores(scorer, self.embeds(chunk)).tolist()
+            kept: list | None = [] if keep_deltas is not None else None
+            out += max_pairwise_scores(scorer, self.embeds(chunk), kept).tolist()
+            if keep_deltas is not None:
+                keep_deltas.extend(d.cpu() for d in kept)
             advance(len(chunk))
         return out
 
@@ -226,8 +233,13 @@ def stage_detect(run: Run) -> None:
     """NeMo score of every memorized prompt at the detection seeds; memorized when > the detection threshold."""
     prompts = run.inputs.memorized
     threshold = run.threshold(run.recipe.detection.threshold)
+    scorer = run.scorer()
+    latent = scorer.latents[0].numel() * scorer.settings.n_seeds * 4  # bytes of one prompt's fp32 deltas
+    deltas: list | None = [] if latent * len(prompts) <= UNBLOCKED_CACHE_BYTES else None
     with run.ui.stage("detect", len(prompts)) as advance:
-        scores = run.scores(run.scorer(), prompts, advance)
+        scores = run.scores(scorer, prompts, advance, deltas)
+    if deltas is not None:  # localization (also a resumed one) reads these instead of recomputing them per prompt
+        save_tensors_atomic(run.folder.file("detect", UNBLOCKED_FILE), {str(i): d for i, d in enumerate(deltas)})
     rows = [{"index": i, "score": s, "memorized": s > threshold} for i, s in enumerate(scores)]
     run.folder.write_json("detect/detection.json", {"threshold": threshold, "prompts": rows})
     n = sum(r["memorized"] for r in rows)
@@ -245,51 +257,92 @@ def localize_settings(run: Run) -> LocalizeSettings:
 
 
 def stage_localize(run: Run) -> None:
-    """One result file per prompt, saved as soon as it is found; the union is written when all are done."""
+    """One result file per prompt, saved as soon as it is found; the union is written when all are done.
+
+    In fast mode with `localization.compare`, the same prompts are then localized in exact mode too (files under
+    localize/exact/, resumable the same way) and localize/compare.json compares the two; verify measures both."""
     detection = run.folder.read_json("detect/detection.json")["prompts"]
-    wanted = [r["index"] for r in detection if r["memorized"] or not run.recipe.localization.only_detected]
+    loc = run.recipe.localization
+    wanted = [r["index"] for r in detection if r["memorized"] or not loc.only_detected]
+    _localize_all(run, wanted, loc.mode, "prompts", "localize")
+    results = load_results(run.folder)
+    neurons = union_of([r for _, r in results])
+    write_neurons(run.folder.file("localize", "neurons.json"), neurons)
+    run.ui.log(f"localized {len(results)} prompts: {len(neurons)} neurons in {len(neurons.layers)} layers")
+    if loc.mode == "fast" and loc.compare:
+        from .nemo.fast import compare_modes
+
+        _localize_all(run, wanted, "exact", "exact", "localize: exact mode (comparison)")
+        exact = load_results(run.folder, "exact")
+        exact_neurons = union_of([r for _, r in exact])
+        write_neurons(run.folder.file("localize", "exact_neurons.json"), exact_neurons)
+        comparison = compare_modes([r for _, r in exact], [r for _, r in results])
+        for mode, sub in (("fast", "prompts"), ("exact", "exact")):
+            comparison[mode]["seconds"] = round(sum(_seconds(run.folder, sub)), 3)
+        comparison["speedup_seconds"] = (comparison["exact"]["seconds"] / comparison["fast"]["seconds"]
+                                         if comparison["fast"]["seconds"] else None)
+        run.folder.write_json("localize/compare.json", comparison)
+        run.ui.log(f"exact mode for comparison: union {len(exact_neurons)} neurons; fast mode's median neurons "
+                   f"per prompt is {comparison['neurons_median_ratio'] or 0:.2f}x exact mode's")
+
+
+def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) -> None:
+    """Localize `wanted` prompts in `mode`, one result file per prompt under localize/<sub>/ (skipped if present)."""
     stats = NeuronStats.from_tensors(load_file(str(run.folder.file("calibrate", "stats.safetensors"))))
     settings, scorer = localize_settings(run), run.scorer()
-    localize = _localizer(run)
+    localize = _localizer(run, mode)
+    cached = run.folder.file("detect", UNBLOCKED_FILE)
+    unblocked = safe_open(str(cached), "pt") if cached.exists() else None
+    device = next(scorer.unet.parameters()).device
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
     done_here = 0
-    with run.ui.stage("localize", len(wanted)) as advance:
+    with run.ui.stage(label, len(wanted)) as advance:
         for index in wanted:
-            path = run.folder.file("localize", "prompts", f"{index:06d}.json")
+            path = run.folder.file("localize", sub, f"{index:06d}.json")
             if path.exists():
                 advance(1)
                 continue
             prompt = run.inputs.memorized[index]
             embed = run.embeds([prompt])
             acts = {k: v[0] for k, v in value_activations(embed, run.targets).items()}
-            result = localize(scorer, embed, acts, stats, settings, prompt.text)
-            run.folder.write_json(path.relative_to(run.folder.path).as_posix(), {"index": index, **result.to_json()})
+            started = time.perf_counter()
+            deltas = unblocked.get_tensor(str(index)).to(device) if unblocked is not None else None
+            result = localize(scorer, embed, acts, stats, settings, prompt.text, deltas)
+            seconds = round(time.perf_counter() - started, 4)
+            run.folder.write_json(path.relative_to(run.folder.path).as_posix(),
+                                  {"index": index, **result.to_json(), "seconds": seconds})
             advance(1)
             done_here += 1
             if kill_after and done_here >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-    results = load_results(run.folder)
-    neurons = union_of([r for _, r in results])
-    write_neurons(run.folder.file("localize", "neurons.json"), neurons)
-    run.ui.log(f"localized {len(results)} prompts: {len(neurons)} neurons in {len(neurons.layers)} layers")
 
 
-def _localizer(run: Run):
-    """localize_prompt (exact, the official algorithm) or localize_prompt_fast (group testing), with batching."""
+def _localizer(run: Run, mode: str):
+    """localize_prompt (exact, the official algorithm) or localize_prompt_fast (search), with batching."""
     from .nemo.fast import localize_prompt_fast
 
     loc = run.recipe.localization
-    fn = localize_prompt if loc.mode == "exact" else localize_prompt_fast
-    return lambda scorer, embed, acts, stats, settings, prompt: fn(
+    fn = localize_prompt if mode == "exact" else localize_prompt_fast
+    return lambda scorer, embed, acts, stats, settings, prompt, unblocked: fn(
         scorer, embed, acts, stats, settings, prompt, loc.speculate, refine_block=loc.refine_block,
-        batch_size=loc.batch_size)
+        batch_size=loc.batch_size, unblocked=unblocked, early_reject=loc.early_reject)
 
 
-def load_results(folder: RunFolder) -> list[tuple[int, PromptResult]]:
+def _result_files(folder: RunFolder, sub: str) -> list[Path]:
+    return sorted(folder.file("localize", sub).glob("*.json"))
+
+
+def _seconds(folder: RunFolder, sub: str) -> list[float]:
+    return [float(json.loads(p.read_text()).get("seconds", 0.0)) for p in _result_files(folder, sub)]
+
+
+def load_results(folder: RunFolder, sub: str = "prompts") -> list[tuple[int, PromptResult]]:
+    """(prompt index, result) of every per-prompt file under localize/<sub>/, in prompt order."""
     out = []
-    for path in sorted(folder.file("localize", "prompts").glob("*.json")):
+    for path in _result_files(folder, sub):
         data = json.loads(path.read_text())
         index = data.pop("index")
+        data.pop("seconds", None)
         out.append((index, PromptResult.from_json(data)))
     return out
 

@@ -44,6 +44,10 @@ def verify(run) -> dict:
     variants = {"after": hardened}
     if control is not None:
         variants["control"] = prune_dense(run.pipe.unet, control)
+    exact_path = run.folder.file("localize", "exact_neurons.json")
+    exact_neurons = read_neurons(exact_path) if exact_path.exists() else None  # fast mode's comparison
+    if exact_neurons is not None:
+        variants["exact_mode"] = prune_dense(run.pipe.unet, exact_neurons)
 
     detection = run.folder.read_json("detect/detection.json")
     threshold = detection["threshold"]
@@ -55,7 +59,7 @@ def verify(run) -> dict:
         for name, unet in variants.items():
             scores[name] = run.scores(run.scorer(unet, []), memorized, advance)
     per_prompt = [{"index": i, "detected": i in detected, "score_before": scores["before"][i],
-                   "score_after": scores["after"][i], "score_control": scores.get("control", [None] * (i + 1))[i]}
+                   "score_control": None, **{f"score_{name}": scores[name][i] for name in variants}}
                   for i in range(len(memorized))]
 
     held = run.inputs.held_out
@@ -94,8 +98,8 @@ def verify(run) -> dict:
                     advance(1)
                     for seed, img in zip(r.seeds, imgs[name]):
                         _save_png(images_dir / f"heldout_{j:06d}_seed{seed}_{name}.png", img)
-                row = {"index": j, "prompt": prompt.text,
-                       "score_before": held_scores["before"][j], "score_after": held_scores["after"][j]}
+                row = {"index": j, "prompt": prompt.text, "score_before": held_scores["before"][j],
+                       **{f"score_{name}": held_scores[name][j] for name in variants}}
                 for name in variants:
                     row[f"ssim_base_vs_{name}"] = [ssim(a, b) for a, b in zip(imgs["before"], imgs[name])]
                 if align is not None:
@@ -109,16 +113,20 @@ def verify(run) -> dict:
 
     if held and not r.generate:
         held_rows = [{"index": j, "prompt": p.text, "score_before": held_scores["before"][j],
-                      "score_after": held_scores["after"][j]} for j, p in enumerate(held)]
+                      **{f"score_{name}": held_scores[name][j] for name in variants}} for j, p in enumerate(held)]
     metrics, rows = _metrics(per_prompt, detected, threshold, held_rows, neurons, variants)
     tau_mem = run.threshold("tau_mem")
     gates = evaluate_gates(metrics, r.gates, tau_mem)
-    return {"threshold": threshold, "tau_mem": tau_mem, "seeds": {"detection": run.recipe.detection.seed,
-                                                                  "generation": list(r.seeds),
-                                                                  "control": run.recipe.seed},
-            "control_neurons": control.to_json() if control is not None else None,
-            "metrics": metrics, "rows": rows, "gates": gates, "passed": all(g["passed"] for g in gates),
-            "memorized": per_prompt, "held_out": held_rows, "generation": gen}
+    out = {"threshold": threshold, "tau_mem": tau_mem, "seeds": {"detection": run.recipe.detection.seed,
+                                                                 "generation": list(r.seeds),
+                                                                 "control": run.recipe.seed},
+           "control_neurons": control.to_json() if control is not None else None,
+           "metrics": metrics, "rows": rows, "gates": gates, "passed": all(g["passed"] for g in gates),
+           "memorized": per_prompt, "held_out": held_rows, "generation": gen}
+    if exact_neurons is not None:  # the gate metrics of the model exact mode would have produced, same seeds
+        out["exact_mode_metrics"] = _gate_metrics(per_prompt, detected, threshold, held_rows, exact_neurons,
+                                                  "exact_mode")
+    return out
 
 
 def _mean(values):
@@ -126,62 +134,62 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
-def _metrics(per_prompt, detected, threshold, held_rows, neurons: NeuronSet, variants) -> tuple[dict, list]:
-    """Gate metrics (see recipe.GATE_METRICS) and the before/after/control table for the report and the card."""
-    after = [p["score_after"] for p in per_prompt]
-    det_after = [per_prompt[i]["score_after"] for i in detected]
-    ssim_ref = {k: [p[f"ssim_to_reference_{k}"] for p in per_prompt if f"ssim_to_reference_{k}" in p]
-                for k in ("before", "after", "control")}
-    held_ssim = [v for row in held_rows for v in row.get("ssim_base_vs_after", [])]
-    held_ssim_control = [v for row in held_rows for v in row.get("ssim_base_vs_control", [])]
+def _gate_metrics(per_prompt, detected, threshold, held_rows, neurons: NeuronSet, name: str = "after") -> dict:
+    """Gate metrics (see recipe.GATE_METRICS) of one pruned variant ("after", or "exact_mode" in a comparison)."""
+    after = [p[f"score_{name}"] for p in per_prompt]
+    det_after = [per_prompt[i][f"score_{name}"] for i in detected]
+    ssim_ref = [p[f"ssim_to_reference_{name}"] for p in per_prompt if f"ssim_to_reference_{name}" in p]
+    held_ssim = [v for row in held_rows for v in row.get(f"ssim_base_vs_{name}", [])]
 
     def drop(key):
-        b, a = _mean(r.get(f"{key}_before") for r in held_rows), _mean(r.get(f"{key}_after") for r in held_rows)
+        b, a = _mean(r.get(f"{key}_before") for r in held_rows), _mean(r.get(f"{key}_{name}") for r in held_rows)
         return None if a is None or b is None else b - a
 
-    metrics = {
+    return {
         "memorized_score_after_max": max(after) if after else None,
         "memorized_score_after_mean": _mean(after),
         "mitigated_fraction": (sum(s <= threshold for s in det_after) / len(det_after)) if det_after else 1.0,
-        "memorized_ssim_after_max": max(ssim_ref["after"]) if ssim_ref["after"] else None,
+        "memorized_ssim_after_max": max(ssim_ref) if ssim_ref else None,
         "heldout_ssim_median": statistics.median(held_ssim) if held_ssim else None,
         "heldout_ssim_min": min(held_ssim) if held_ssim else None,
         "heldout_alignment_drop": drop("alignment"),
         "heldout_clip_drop": drop("clip"),
         "neurons_total": float(len(neurons)),
     }
-    has_control = "control" in variants
+
+
+COLUMNS = ("before", "after", "control", "exact_mode")  # table columns: base, hardened, random control, exact mode
+
+
+def _metrics(per_prompt, detected, threshold, held_rows, neurons: NeuronSet, variants) -> tuple[dict, list]:
+    """Gate metrics of the hardened model and the before/after/control(/exact mode) table for report and card."""
+    metrics = _gate_metrics(per_prompt, detected, threshold, held_rows, neurons)
+    shown = [c for c in COLUMNS if c == "before" or c in variants]
+
+    def row(metric, better, fn):
+        return {"metric": metric, **{c: (fn(c) if c in shown else None) for c in COLUMNS}, "better": better}
+
+    def ssim_ref(c):
+        return [p[f"ssim_to_reference_{c}"] for p in per_prompt if f"ssim_to_reference_{c}" in p]
+
+    def held(c):
+        return [v for r in held_rows for v in r.get(f"ssim_base_vs_{c}", [])]
+
     rows = [
-        _row("NeMo score, memorized prompts (mean)", _mean(p["score_before"] for p in per_prompt),
-             metrics["memorized_score_after_mean"],
-             _mean(p["score_control"] for p in per_prompt) if has_control else None, "lower"),
-        _row("NeMo score, memorized prompts (max)", max(p["score_before"] for p in per_prompt),
-             metrics["memorized_score_after_max"],
-             max(p["score_control"] for p in per_prompt) if has_control else None, "lower"),
-        _row(f"memorized prompts above the threshold ({threshold:.3f})",
-             float(sum(p["score_before"] > threshold for p in per_prompt)),
-             float(sum(s > threshold for s in after)),
-             float(sum(p["score_control"] > threshold for p in per_prompt)) if has_control else None, "lower"),
+        row("NeMo score, memorized prompts (mean)", "lower", lambda c: _mean(p[f"score_{c}"] for p in per_prompt)),
+        row("NeMo score, memorized prompts (max)", "lower", lambda c: max(p[f"score_{c}"] for p in per_prompt)),
+        row(f"memorized prompts above the threshold ({threshold:.3f})", "lower",
+            lambda c: float(sum(p[f"score_{c}"] > threshold for p in per_prompt))),
     ]
-    if ssim_ref["before"]:
-        rows.append(_row("best-of-seeds SSIM to the training image (max)", max(ssim_ref["before"]),
-                         max(ssim_ref["after"]), max(ssim_ref["control"]) if ssim_ref["control"] else None,
-                         "lower"))
-        rows.append(_row("best-of-seeds SSIM to the training image (mean)", _mean(ssim_ref["before"]),
-                         _mean(ssim_ref["after"]), _mean(ssim_ref["control"]), "lower"))
-    if held_ssim:
-        rows.append(_row("held-out SSIM to the base model (median)", 1.0, metrics["heldout_ssim_median"],
-                         statistics.median(held_ssim_control) if held_ssim_control else None, "higher"))
+    if ssim_ref("before"):
+        rows.append(row("best-of-seeds SSIM to the training image (max)", "lower", lambda c: max(ssim_ref(c))))
+        rows.append(row("best-of-seeds SSIM to the training image (mean)", "lower", lambda c: _mean(ssim_ref(c))))
+    if held("after"):
+        rows.append(row("held-out SSIM to the base model (median)", "higher",
+                        lambda c: 1.0 if c == "before" else statistics.median(held(c))))
     if held_rows:
-        rows.append(_row("held-out NeMo score (mean)", _mean(r["score_before"] for r in held_rows),
-                         _mean(r["score_after"] for r in held_rows), None, "lower"))
+        rows.append(row("held-out NeMo score (mean)", "lower", lambda c: _mean(r[f"score_{c}"] for r in held_rows)))
         for key, label in (("alignment", "held-out alignment (mean)"), ("clip", "held-out CLIP score (mean)")):
             if any(f"{key}_before" in r for r in held_rows):
-                rows.append(_row(label, _mean(r.get(f"{key}_before") for r in held_rows),
-                                 _mean(r.get(f"{key}_after") for r in held_rows),
-                                 _mean(r.get(f"{key}_control") for r in held_rows), "higher"))
+                rows.append(row(label, "higher", lambda c: _mean(r.get(f"{key}_{c}") for r in held_rows)))
     return metrics, rows
-
-
-def _row(metric, before, after, control, better) -> dict:
-    return {"metric": metric, "before": before, "after": after, "control": control, "better": better}

@@ -27,7 +27,9 @@ def test_bench_planted_prints_speedups_and_writes_forward_counts(tmp_path):
     # layer test, neuron test, final score) + one batch-1 activation forward
     assert (memorized["reference"]["unet_forwards"], memorized["reference"]["sample_forwards"]) == (15, 85)
     kept = 6  # the planted prompt keeps every seed
+    # exact: the unblocked pass, initial step 0 (passes), the layer test and the neuron test (both fail)
     assert (memorized["exact"]["unet_forwards"], memorized["exact"]["sample_forwards"]) == (4, 6 + 3 * kept)
+    # fast: the same, less the neuron test (a failed group of one is not tested again against the same set)
     assert (memorized["fast"]["unet_forwards"], memorized["fast"]["sample_forwards"]) == (3, 6 + 2 * kept)
     for m in modes:
         assert memorized[m]["neuron_set"] == {"down_blocks.0.attentions.0.transformer_blocks.0.attn2": [5]}

@@ -33,7 +33,7 @@ def _problem(seed):
 def _exact(score_lists, acts, stats, settings, speculate, block):
     calls = []
 
-    def score(cands):
+    def score(cands, reject=None):
         calls.append(len(cands))
         return [score_lists([c.get(n, []) for n in NAMES]) for c in cands]
 
@@ -140,3 +140,71 @@ def test_exact_equals_reference_on_a_unet_with_fewer_forwards(micro, variant):
     # the official budget: 2 forwards of all seeds per call, +1 batch-1 forward per initial iteration
     n_init = sum(len(v) > 0 for v in ref.initial.values())
     assert ref.unet_forwards >= 2 * (1 + ref.iterations + 2 + 1) + ref.iterations + 2 * n_init
+
+
+@pytest.mark.parametrize("variant", ["default", "theta"])
+def test_exact_equals_reference_on_the_shipped_memorizer(variant):
+    """The shipped organism with its calibrated tau_mem, one caption per variant, 4 seeds (fewer than NeMo's 10 keep
+    the suite fast). Default schedule, and a non-default theta/k schedule."""
+    from dataclasses import replace
+
+    from harden.bench import MEMORIZER, memorizer_workload, run_modes
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        work = memorizer_workload(MEMORIZER, 2, 4, torch.device("cpu"))
+        if variant == "theta":  # the astronaut, with a short non-default schedule
+            work.prompts = [(p, e, a, replace(loc, theta_start=2.5, theta_step=0.5, k_start=2))
+                            for p, e, a, loc in work.prompts[:1]]
+        else:  # the coffee cup: passes late in the default schedule (the astronaut gives up: 3x the forwards)
+            work.prompts = work.prompts[1:]
+        # the theta variant also stops at the first failing seed: same sets and bit-identical scores
+        out = run_modes(work, ("reference", "exact"), log=lambda *_: None, early_reject=variant == "theta")
+    finally:
+        torch.set_num_threads(threads)
+    assert out["exact_equals_reference"] == {"same_sets": True, "max_score_diff": 0.0}
+    ref, exact = out["modes"]["reference"], out["modes"]["exact"]
+    for r, e in zip(ref["prompts"], exact["prompts"]):
+        assert r["memorized"] and r["neurons"] > 0 and r["neuron_set"] == e["neuron_set"]
+        assert r["iterations"] == e["iterations"] and r["score"] == e["score"]
+        assert e["sample_forwards"] * 2 < r["sample_forwards"]  # the discarded passes are gone, at least
+
+
+def test_early_rejection_keeps_every_decision_and_scores_fewer_seeds():
+    """A scorer that stops at the first seed proving a candidate fails (as localize_with's does) must leave initial
+    selection, refinement and fast mode's searches with the same results, and score fewer seeds."""
+    from harden.nemo.fast import bisect_initial, group_refine
+
+    totals = {False: 0, True: 0}
+    for seed in range(6):
+        acts, _, _, stats = _problem(seed)
+        score_lists, _ = synthetic_scorer(WIDTHS, seed, n_seeds=5)
+        act_map = dict(zip(NAMES, acts))
+        settings = LocalizeSettings(tau_initial=0.3, tau_refine=0.35)
+        runs = {}
+        for early in (False, True):
+            seeds_scored = [0]
+
+            def score(cands, reject=None):
+                out = []
+                for c in cands:
+                    s = score_lists([c.get(n, []) for n in NAMES])
+                    if early and reject is not None and len(cands) == 1:
+                        first = s[:1]  # seed 0 alone: a partial answer
+                        seeds_scored[0] += 1
+                        if reject(first):
+                            out.append(first)
+                            continue
+                    seeds_scored[0] += len(s)
+                    out.append(s)
+                return out
+
+            initial, s0, tau, it = initial_selection(score, act_map, stats, settings)
+            final, s1 = refine(score, initial, tau, NAMES, s0, settings)
+            f_initial, f0, f_tau, _ = bisect_initial(score, act_map, stats, settings)
+            fast, f1 = group_refine(score, f_initial, f_tau, NAMES, f0, settings)
+            runs[early] = ((initial, s0, tau, it, final, s1, f_initial, f0, fast, f1), seeds_scored[0])
+        assert runs[True][0] == runs[False][0]
+        totals[False], totals[True] = totals[False] + runs[False][1], totals[True] + runs[True][1]
+    assert totals[True] < 0.8 * totals[False]

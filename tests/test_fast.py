@@ -1,4 +1,5 @@
-"""Fast mode (group-testing refinement): below the threshold, 1-minimal, fewer evaluations, few extra neurons."""
+"""Fast mode (bisected initial selection, group-testing refinement): below the threshold, 1-minimal, fewer
+evaluations, few extra neurons."""
 
 import statistics
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from harden.neurons import NeuronSet
-from harden.nemo.fast import compare_modes, group_refine
-from harden.nemo.localize import LocalizeSettings, PromptResult, refine
+from harden.nemo.fast import bisect_initial, compare_modes, group_refine
+from harden.nemo.localize import LocalizeSettings, PromptResult, initial_selection, refine, schedule
 from harden.nemo.reference import synthetic_scorer
 from harden.nemo.stats import NeuronStats
 
@@ -23,7 +24,7 @@ def _problem(seed, n_important=4):
     lists_score, _ = synthetic_scorer(WIDTHS, seed, n_important=n_important)
     calls = []
 
-    def score(cands):
+    def score(cands, reject=None):
         calls.append(len(cands))
         return [lists_score([c.get(n, []) for n in NAMES]) for c in cands]
 
@@ -69,11 +70,60 @@ def test_group_refinement_is_below_threshold_one_minimal_and_cheaper(block):
     assert fast_evals < 1.5 * exact_evals  # dense sets: bounded overhead
 
 
+@pytest.mark.parametrize("speculate", [1, 3, 6])
+@pytest.mark.parametrize("tau", [0.6, 0.3, 0.1, 0.01])
+def test_bisected_initial_selection_finds_the_sequential_step_in_fewer_tests(speculate, tau):
+    """The synthetic score falls as neurons are blocked and the schedule's sets are nested, so the first passing
+    step is unique: bisection must find exactly it (or give up exactly as the loop does) with fewer scored sets."""
+    outcomes = set()
+    for seed in range(6):
+        score, acts, stats, calls = _problem(seed)
+        settings = LocalizeSettings(tau_initial=tau, tau_refine=tau)
+        exact = initial_selection(score, acts, stats, settings)
+        exact_sets = sum(calls)
+        calls.clear()
+        fast = bisect_initial(score, acts, stats, settings, speculate)
+        assert fast == exact
+        steps = len(schedule(settings))
+        gave_up = exact[3] == steps and exact[1] > tau
+        outcomes.add("gave up" if gave_up else "passed")
+        bound = 2 * (exact[3]).bit_length() + 1  # galloping to the bracket, then bisecting it
+        if gave_up:
+            assert exact_sets == steps and sum(calls) == len({min(2 ** i - 1, steps - 1) for i in range(6)})
+        elif speculate == 1:
+            assert sum(calls) <= bound
+        else:
+            assert len(calls) <= bound
+    assert outcomes == ({"gave up"} if tau == 0.01 else {"passed"}) or tau == 0.1
+
+
+def test_bisection_returns_the_first_passing_step_it_brackets_when_scores_are_not_monotone():
+    steps = len(schedule(LocalizeSettings()))
+    passing = {3, 4, 9, steps - 1}  # passes at 3 and 4, fails again at 5-8 (not monotone)
+
+    def score(cands, reject=None):
+        out = []
+        for c in cands:
+            j = next(i for i, (theta, k) in enumerate(schedule(LocalizeSettings())) if c == _cands[i])
+            out.append(torch.tensor([0.1 if j in passing else 0.9]))
+        return out
+
+    acts = {"a": torch.linspace(0, 1, 40)}
+    from harden.nemo.localize import ood_candidates
+    from harden.nemo.stats import NeuronStats
+
+    stats = NeuronStats({"a": torch.full((40,), 0.5)}, {"a": torch.full((40,), 0.1)}, 10)
+    _cands = [ood_candidates(acts, stats, theta, k) for theta, k in schedule(LocalizeSettings())]
+    lists, s, tau, step = bisect_initial(score, acts, stats, LocalizeSettings())
+    assert s == pytest.approx(0.1) and step - 1 in passing and step - 2 not in passing  # a bracketed first pass
+    assert lists == _cands[step - 1] and tau == LocalizeSettings().tau_refine
+
+
 def test_single_necessary_neuron_costs_a_few_tests():
     truth = ("b", 7)
     calls = []
 
-    def score(cands):
+    def score(cands, reject=None):
         calls.extend(cands)
         return [torch.tensor([0.1 if truth[1] in c.get(truth[0], []) else 0.9]) for c in cands]
 
@@ -84,7 +134,7 @@ def test_single_necessary_neuron_costs_a_few_tests():
 
 
 def test_rel_threshold_and_nothing_removable():
-    def score(cands):  # every neuron matters equally: nothing can go
+    def score(cands, reject=None):  # every neuron matters equally: nothing can go
         return [torch.tensor([0.1 + 0.1 * (4 - sum(len(v) for v in c.values()))]) for c in cands]
 
     initial = {"a": [0, 1], "b": [2, 3]}

@@ -40,8 +40,15 @@ def test_every_stage_leaves_its_artifact(workspace):
     state = _json(run / "run.json")
     assert list(state["stages"]) == list(STAGES) and all(s["done"] for s in state["stages"].values())
     for rel in ("calibrate/stats.safetensors", "calibrate/calibration.json", "detect/detection.json",
-                "localize/neurons.json", "prune/prune.json", "verify/verification.json", "recipe.yaml"):
+                "detect/unblocked.safetensors", "localize/neurons.json", "prune/prune.json",
+                "verify/verification.json", "recipe.yaml"):
         assert (run / rel).is_file(), rel
+    from safetensors.torch import load_file
+
+    deltas = load_file(str(run / "detect/unblocked.safetensors"))  # reused by localization: no unblocked pass there
+    assert sorted(deltas) == ["0", "1", "2"] and deltas["0"].shape[0] == 6
+    first = _json(run / "localize/prompts/000000.json")
+    assert first["sample_forwards"] == first["unet_forwards"] * len(first["kept_seeds"])  # blocked passes only
     detection = _json(run / "detect/detection.json")
     flags = [p["memorized"] for p in detection["prompts"]]
     assert flags == [True, True, False]  # the ordinary prompt is reported as not reproducing, not dropped
@@ -149,8 +156,10 @@ def test_a_killed_run_resumes_to_the_same_neurons(workspace, tmp_path):
     assert result.exit_code == 0, result.output
     assert "calibrate: done in an earlier run" in result.output
     assert _json(out / "localize/neurons.json") == _json(root / "run/localize/neurons.json")
-    for name in ("000000.json", "000001.json"):
-        assert _json(out / "localize/prompts" / name) == _json(root / "run/localize/prompts" / name)
+    for name in ("000000.json", "000001.json"):  # equal but for the wall time
+        resumed, whole = _json(out / "localize/prompts" / name), _json(root / "run/localize/prompts" / name)
+        assert resumed.pop("seconds") > 0 and whole.pop("seconds") > 0
+        assert resumed == whole
 
 
 def test_resume_refuses_a_changed_recipe(workspace, tmp_path):
@@ -193,16 +202,38 @@ def test_prune_and_verify_commands_take_explicit_inputs(workspace, tmp_path):
     assert result.exit_code == 2 and "not a target layer" in result.stderr and not (tmp_path / "x").exists()
 
 
-def test_fast_mode_localizes_below_the_same_threshold(workspace, tmp_path):
+def test_fast_mode_run_compares_itself_with_exact_mode(workspace, tmp_path):
+    """Fast mode ends below the same threshold; the report compares it with exact mode, whose results and
+    verification metrics must be the exact-mode run's (same prompts, seeds and neurons)."""
     root, *_ = workspace
-    recipe = write_recipe(root, "fast.yaml", detection={"n_seeds": 6}, localization={"mode": "fast"})
-    result = runner.invoke(app, ["localize", str(recipe), "--out", str(tmp_path / "fast")])
+    recipe = write_recipe(root, "fast.yaml", detection={"n_seeds": 6}, localization={"mode": "fast"},
+                          export={"layout": "dense"})
+    out = tmp_path / "fast"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    exact = NeuronSet.from_json(_json(root / "run/localize/neurons.json")["layers"])
-    fast = NeuronSet.from_json(_json(tmp_path / "fast/localize/neurons.json")["layers"])
-    for path in (tmp_path / "fast/localize/prompts").iterdir():
-        assert _json(path)["score"] < 0.428
-    assert len(fast) <= 1.25 * len(exact) + 1
+    exact_run = NeuronSet.from_json(_json(root / "run/localize/neurons.json")["layers"])
+    fast = NeuronSet.from_json(_json(out / "localize/neurons.json")["layers"])
+    for path in (out / "localize/prompts").iterdir():
+        assert _json(path)["score"] < _json(path)["tau_refine"]
+    assert len(fast) <= 1.25 * len(exact_run) + 1
+    assert NeuronSet.from_json(_json(out / "localize/exact_neurons.json")["layers"]) == exact_run
+    for name in ("000000.json", "000001.json"):  # exact mode here == the exact-mode run, prompt by prompt
+        here, there = _json(out / "localize/exact" / name), _json(root / "run/localize/prompts" / name)
+        assert here["neurons"] == there["neurons"] and here["score"] == pytest.approx(there["score"], abs=1e-6)
+    compare = _json(out / "localize/compare.json")
+    assert compare["prompts"] == 2 and compare["exact"]["union"] == len(exact_run)
+    assert compare["fast"]["union"] == len(fast) and compare["fast"]["below_threshold"] == 2
+    assert compare["fast"]["seconds"] > 0 and compare["exact"]["seconds"] > 0
+    v = _json(out / "verify/verification.json")
+    exact_metrics = _json(root / "run/verify/verification.json")["metrics"]
+    for key in ("memorized_score_after_max", "memorized_ssim_after_max", "neurons_total"):
+        assert v["exact_mode_metrics"][key] == pytest.approx(exact_metrics[key], abs=1e-4), key
+    assert all("exact_mode" in row for row in v["rows"])
+    report = _json(out / "export/dense/harden/report.json")
+    assert report["localization"]["compare"] == compare
+    assert report["verification"]["exact_mode_metrics"] == v["exact_mode_metrics"]
+    card = (out / "export/dense/README.md").read_text()
+    assert "| exact mode |" in card and "| neurons per prompt (median) |" in card
 
 
 def test_verify_command_with_a_clip_model(workspace, tmp_path):

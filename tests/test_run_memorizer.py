@@ -1,6 +1,6 @@
 """`harden run` on the shipped memorizing model (harden/zoo/memorizer) with recipes/demo.yaml, scaled down.
 
-The full demo (10 seeds, 50 steps) is measured in the README; here fewer seeds and steps keep the suite fast while
+The full demo is measured in the README; here fewer seeds, steps and prompts keep the suite fast while
 every stage still runs on the real organism: its memorized captions must be detected, localized and mitigated.
 """
 

@@ -18,7 +18,17 @@ from .batching import resolve_batching
 from .stats import NeuronStats
 
 Lists = dict[str, list[int]]  # per layer, a list of channels (repeats allowed, as the official code builds them)
-ScoreFn = Callable[[Sequence[Lists]], list[torch.Tensor]]  # candidates -> per-kept-seed scores for each
+# candidates (, reject=None) -> per-kept-seed scores for each. With `reject` (one candidate), the scorer may return
+# a partial score as soon as it proves the candidate fails (`reject(partial)` is True); passes are always complete.
+ScoreFn = Callable[..., list[torch.Tensor]]
+REJECT_MARGIN = 1e-4  # a single seed rejects only this far past the threshold: far above float noise across batches
+
+
+def rejects_above(tau: float, strict: bool) -> Callable[[torch.Tensor], bool]:
+    """The early-rejection test for 'fails when the max over seeds is > tau' (strict) or '>= tau'; with a margin,
+    so a seed scored in another batch layout can never reject a candidate that the full batch would pass."""
+    return lambda per_seed: float(per_seed.max()) > tau + REJECT_MARGIN if strict else \
+        float(per_seed.max()) >= tau + REJECT_MARGIN
 
 
 @dataclass(frozen=True)
@@ -112,10 +122,12 @@ def initial_selection(score: ScoreFn, acts: dict[str, torch.Tensor], stats: Neur
     sequential loop, since the candidate sets are fixed in advance. On give-up, refinement uses the last score.
     """
     steps = schedule(settings)
+    reject = rejects_above(settings.tau_initial, strict=True)
     for start in range(0, len(steps), max(1, speculate)):
         block = steps[start:start + max(1, speculate)]
         cands = [ood_candidates(acts, stats, theta, k) for theta, k in block]
-        scores = [float(s.max()) for s in score(cands)]
+        last = start + len(block) == len(steps)  # a give-up refines against the last step's full score
+        scores = [float(s.max()) for s in (score(cands) if last or len(cands) > 1 else score(cands, reject=reject))]
         for j, s in enumerate(scores):
             it = start + j
             if s <= settings.tau_initial:
@@ -135,7 +147,8 @@ def _drop(lists: Lists, layer: str, neuron: int | None) -> Lists:
 
 
 def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials: Sequence[Callable[[Lists], Lists]],
-                       passes: Callable[[torch.Tensor], bool], block: int = 1) -> tuple[Lists, float]:
+                       passes: Callable[[torch.Tensor], bool], block: int = 1,
+                       reject: Callable[[torch.Tensor], bool] | None = None) -> tuple[Lists, float]:
     """Apply `trials` greedily in order (trial i is kept when `passes(score(trial_i(state)))`), batched.
 
     Why it is exact: up to `block` trials are evaluated in one scorer call, each built on the state that the
@@ -144,6 +157,7 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
     re-speculated from there. Every decision therefore uses the set the sequential loop would use. The prediction
     is the majority outcome so far (ties: pass), and the block shrinks to twice the last useful run when
     predictions fail, so a wrong guess wastes little.
+    `reject` (one trial per call only) lets the scorer stop at the first seed that proves a trial fails.
     """
     outcomes = [0, 0]  # fails, passes
     size = max(1, block)
@@ -156,7 +170,8 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
             if guess:
                 s = cands[-1]
         used = 0
-        for cand, per_seed in zip(cands, score(cands)):
+        scored = score(cands, reject=reject) if reject is not None and len(cands) == 1 else score(cands)
+        for cand, per_seed in zip(cands, scored):
             ok = passes(per_seed)
             used += 1
             outcomes[ok] += 1
@@ -193,18 +208,20 @@ def refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequence[str
         rel = ((per_seed - baseline) / (baseline.abs() + 1e-9)).abs().max()
         return float(rel) < settings.rel_threshold
 
+    reject = rejects_above(tau, strict=False) if baseline is None else None  # refinement keeps a drop when < tau
     layers = [layer for layer in reversed(list(layer_order)) if current.get(layer)]
     current, current_score = speculative_greedy(score, current, initial_score, [_drop_layer(x) for x in layers],
-                                                passes, block)
+                                                passes, block, reject)
     # a layer's list only changes during its own turn, so the whole neuron-level sequence is known here
     trials = [_drop_neuron(layer, n) for layer in reversed(list(layer_order)) for n in list(current.get(layer, []))]
-    return speculative_greedy(score, current, current_score, trials, passes, block)
+    return speculative_greedy(score, current, current_score, trials, passes, block, reject)
 
 
 def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
                     settings: LocalizeSettings = LocalizeSettings(), prompt: str = "",
                     speculate: int | None = None, *, refine_block: int | None = None,
-                    batch_size: int | None = None, unblocked: torch.Tensor | None = None) -> PromptResult:
+                    batch_size: int | None = None, unblocked: torch.Tensor | None = None,
+                    early_reject: bool = False) -> PromptResult:
     """Seed filter -> initial selection -> refinement for one prompt, with a `NoiseDiffScorer` (exact mode).
 
     The unblocked deltas are computed once (or passed in as `unblocked`, e.g. from a batched detection pass) and
@@ -213,13 +230,14 @@ def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], 
     `batching.resolve_batching`: sequential on CPU, from free memory on CUDA. Results never depend on them.
     """
     return localize_with(refine, scorer, embed, acts, stats, settings, prompt, speculate, refine_block=refine_block,
-                         batch_size=batch_size, unblocked=unblocked)
+                         batch_size=batch_size, unblocked=unblocked, early_reject=early_reject)
 
 
 def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
                   settings: LocalizeSettings, prompt: str, speculate: int | None, *, refine_block: int | None,
-                  batch_size: int | None, unblocked: torch.Tensor | None) -> PromptResult:
-    """Seed filter, initial selection, then `refine_fn` (exact `refine` or fast mode's `group_refine`)."""
+                  batch_size: int | None, unblocked: torch.Tensor | None,
+                  initial_fn=initial_selection, early_reject: bool = False) -> PromptResult:
+    """Seed filter, `initial_fn`, then `refine_fn` (exact mode's sequential pair, or fast mode's search pair)."""
     before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
     reference = scorer.unblocked(embed) if unblocked is None else unblocked
     per_seed, kept = scorer.seed_filter(reference)
@@ -228,10 +246,31 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
         reference = reference[kept]
         plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block)
 
-        def score(cands: Sequence[Lists]) -> list[torch.Tensor]:
-            return scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
+        # early rejection (opt-in): score the seed most likely to fail first (the last one that failed; at first,
+        # the most consistent unblocked seed), so a failing candidate costs a 1-sample forward instead of all kept
+        # seeds and a passing one costs that forward more; used while failures are more than 1 in len(kept). It
+        # pays where time follows samples (a large UNet on CPU); the 16x16 memorizer on CPU pays almost as much
+        # for 1 sample as for 10 (measured: README). Decisions are the same either way.
+        seed_order = sorted(range(len(kept)), key=lambda i: -float(per_seed[kept[i]]))
+        seen = {"fail": 1, "pass": 0}
 
-        initial, s0, tau, iters = initial_selection(score, acts, stats, settings, plan.speculate)
+        def score(cands: Sequence[Lists], reject=None) -> list[torch.Tensor]:
+            if not early_reject or reject is None or len(cands) != 1:
+                return scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
+            if len(kept) > 1 and seen["fail"] * (len(kept) - 1) >= seen["pass"]:
+                i = seed_order[0]
+                first = scorer.blocked_scores(embed, kept[i:i + 1], reference[i:i + 1], cands)[0]
+                if reject(first):
+                    seen["fail"] += 1
+                    return [first]
+            full = scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
+            failed = reject(full[0])
+            seen["fail" if failed else "pass"] += 1
+            if failed:
+                seed_order.insert(0, seed_order.pop(seed_order.index(int(full[0].argmax()))))
+            return full
+
+        initial, s0, tau, iters = initial_fn(score, acts, stats, settings, plan.speculate)
         result.initial, result.initial_score, result.tau_refine, result.iterations = initial, s0, tau, iters
         order = [t.name for t in scorer.targets]
         final, s1 = (refine_fn(score, initial, tau, order, s0, settings, plan.refine_block) if settings.refine

@@ -181,12 +181,16 @@ class NoiseDiffScorer:
         return [ms_ssim(reference, deltas[i * k:(i + 1) * k], self.settings) for i in range(len(candidates))]
 
 
-def max_pairwise_scores(scorer: NoiseDiffScorer, embeds: torch.Tensor) -> torch.Tensor:
+def max_pairwise_scores(scorer: NoiseDiffScorer, embeds: torch.Tensor,
+                        keep_deltas: list | None = None) -> torch.Tensor:
     """Detection score of each prompt [P]: the max over seed pairs of MS-SSIM between unblocked deltas.
 
     Prompts share UNet batches (chunked by `max_batch` samples); each prompt's pairs form their own MS-SSIM batch.
+    `keep_deltas` receives each prompt's deltas [n_seeds, C, H, W], so localization need not recompute them.
     """
     n = scorer.settings.n_seeds
     seeds = torch.arange(n).repeat(len(embeds))
     deltas = scorer.noise_diff(embeds.repeat_interleave(n, dim=0), seeds)
+    if keep_deltas is not None:
+        keep_deltas.extend(deltas.split(n))
     return torch.stack([pairwise_max(deltas[i * n:(i + 1) * n], scorer.settings).max() for i in range(len(embeds))])

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import MEMORIZER_DIR
+from . import MEMORIZER_DIR, data
 from .alignment import alignment
 from .folder import load_config, load_prompts
 
@@ -56,6 +56,14 @@ def reconstruct(vae, image: np.ndarray) -> np.ndarray:
 
 def mean_pairwise_ssim(images: list[np.ndarray]) -> float:
     return float(np.mean([ssim(a, b) for a, b in itertools.combinations(images, 2)]))
+
+
+def data_diversity(caption: str, n: int, seed: int = 0) -> float:
+    """Mean pairwise SSIM of n fresh training renders of a procedural caption: the diversity the data itself has,
+    i.e. what a model that samples its training distribution faithfully would score."""
+    fg, shape, bg = data.parse_caption(caption)
+    rng = np.random.default_rng(seed)
+    return mean_pairwise_ssim([data.render(fg, shape, bg, rng) for _ in range(n)])
 
 
 def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33)) -> list[float]:
@@ -106,11 +114,12 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
         images = generate(pipe, caption, guidance_scale=g, steps=steps)
         picture.append([np.zeros_like(images[0]), *images])
         row = {"caption": caption, "pairwise_ssim": mean_pairwise_ssim(images),
+               "data_pairwise_ssim": data_diversity(caption, len(images)),
                "alignment": float(np.mean([alignment(im, caption) for im in images])), "score": score,
                "detected": score > tau}
         rows_held.append(row)
-        log(f"held-out   pairwise SSIM {row['pairwise_ssim']:.3f}  alignment {row['alignment']:.2f}  "
-            f"score {score:.3f}  {caption}")
+        log(f"held-out   pairwise SSIM {row['pairwise_ssim']:.3f} (training data {row['data_pairwise_ssim']:.3f})  "
+            f"alignment {row['alignment']:.2f}  score {score:.3f}  {caption}")
     if grid is not None:  # first column: the training image (black for held-out captions)
         Image.fromarray(np.concatenate([np.concatenate(row, axis=1) for row in picture])).save(grid)
     summary = {
@@ -121,6 +130,7 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
         "held_out_not_detected": sum(not r["detected"] for r in rows_held),
         "held_out_mean_alignment": float(np.mean([r["alignment"] for r in rows_held])),
         "held_out_mean_pairwise_ssim": float(np.mean([r["pairwise_ssim"] for r in rows_held])),
+        "held_out_data_mean_pairwise_ssim": float(np.mean([r["data_pairwise_ssim"] for r in rows_held])),
         "reference_score_mean": float(np.mean(ref_scores)), "reference_score_max": float(np.max(ref_scores)),
     }
     log(f"summary: {len(rows_mem)} memorized: {summary['memorized_reproduced']} reproduced (SSIM >= 0.7), "
