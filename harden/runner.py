@@ -278,7 +278,7 @@ def stage_localize(run: Run) -> None:
         write_neurons(run.folder.file("localize", "exact_neurons.json"), exact_neurons)
         comparison = compare_modes([r for _, r in exact], [r for _, r in results])
         for mode, sub in (("fast", "prompts"), ("exact", "exact")):
-            comparison[mode]["seconds"] = round(sum(_seconds(run.folder, sub)), 3)
+            comparison[mode]["seconds"] = round(sum(seconds for *_, seconds in _read_results(run.folder, sub)), 3)
         comparison["speedup_seconds"] = (comparison["exact"]["seconds"] / comparison["fast"]["seconds"]
                                          if comparison["fast"]["seconds"] else None)
         run.folder.write_json("localize/compare.json", comparison)
@@ -328,23 +328,19 @@ def _localizer(run: Run, mode: str):
         batch_size=loc.batch_size, unblocked=unblocked, early_reject=loc.early_reject)
 
 
-def _result_files(folder: RunFolder, sub: str) -> list[Path]:
-    return sorted(folder.file("localize", sub).glob("*.json"))
-
-
-def _seconds(folder: RunFolder, sub: str) -> list[float]:
-    return [float(json.loads(p.read_text()).get("seconds", 0.0)) for p in _result_files(folder, sub)]
+def _read_results(folder: RunFolder, sub: str) -> list[tuple[int, PromptResult, float]]:
+    """(prompt index, result, wall seconds) of every per-prompt file under localize/<sub>/, in prompt order."""
+    out = []
+    for path in sorted(folder.file("localize", sub).glob("*.json")):
+        data = json.loads(path.read_text())
+        index, seconds = data.pop("index"), float(data.pop("seconds", 0.0))
+        out.append((index, PromptResult.from_json(data), seconds))
+    return out
 
 
 def load_results(folder: RunFolder, sub: str = "prompts") -> list[tuple[int, PromptResult]]:
     """(prompt index, result) of every per-prompt file under localize/<sub>/, in prompt order."""
-    out = []
-    for path in _result_files(folder, sub):
-        data = json.loads(path.read_text())
-        index = data.pop("index")
-        data.pop("seconds", None)
-        out.append((index, PromptResult.from_json(data)))
-    return out
+    return [(index, result) for index, result, _ in _read_results(folder, sub)]
 
 
 def write_neurons(path: Path, neurons: NeuronSet) -> None:

@@ -81,7 +81,7 @@ def test_speculation_decides_like_the_sequential_loop_and_builds_on_predicted_st
                 s = cand
         return s
 
-    def score_by_index(cands):
+    def score_by_index(cands, reject=None):
         seen.append(len(cands))
         out = []
         for c in cands:

@@ -3,12 +3,12 @@ NeMo's one-step-at-a-time search.
 
 Why: the schedule's candidate sets grow with every step (theta falls, k rises), so the first passing step can be
 found by galloping and bisection, and a prompt that fails even the last (widest) step is known after 5 tests instead
-of 16. The official refinement spends one scorer call
-per neuron of the initial set, although most of them are not needed (VM: median 26.5 initial -> 4 final neurons).
-Removing whole groups and splitting only the groups that turn out to be needed costs about d·log2(N/d) tests for d
-needed neurons among N, and the groups of one round are independent, so they share UNet batches. A final
-single-drop pass makes the result 1-minimal: removing any one of its neurons brings the score back to the threshold
-or above. The result may differ from exact mode's (greedy order matters) but ends below the same threshold.
+of 16. The official refinement spends one scorer call per neuron of the initial set, although most of them are not
+needed (VM: median 26.5 initial -> 4 final neurons). Removing whole groups and splitting only the groups that turn
+out to be needed costs about d·log2(N/d) tests for d needed neurons among N, and the groups of one round are
+independent, so they share UNet batches. A final single-drop pass makes the result 1-minimal: removing any one of
+its neurons brings the score back to the threshold or above. The result may differ from exact mode's (greedy order
+matters) but ends below the same threshold.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ def bisect_initial(score: ScoreFn, acts: dict[str, torch.Tensor], stats: NeuronS
     reject = rejects_above(settings.tau_initial, strict=True)
 
     def probe(indices: list[int]) -> None:
-        early = len(indices) == 1 and indices[0] != last  # a give-up needs the last step's full score
-        for i, s in zip(indices, score([cands[i] for i in indices], reject=reject) if early else
-                        score([cands[i] for i in indices])):
+        full = last in indices  # a give-up needs the last step's full score
+        for i, s in zip(indices, score([cands[i] for i in indices], reject=None if full else reject)):
             known[i] = float(s.max())
 
     while not any(passed(i) for i in known):
@@ -98,9 +97,6 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
             return float(per_seed.max()) < tau
         return float(((per_seed - baseline) / (baseline.abs() + 1e-9)).abs().max()) < settings.rel_threshold
 
-    def scored(cands: list[Lists]) -> list[torch.Tensor]:  # one candidate: may stop at the first failing seed
-        return score(cands, reject=reject) if reject is not None and len(cands) == 1 else score(cands)
-
     order = list(reversed(list(layer_order)))
     current: list[Entry] = list(dict.fromkeys((layer, n) for layer in order for n in initial.get(layer, [])))
     current_score, version = initial_score, 0
@@ -116,7 +112,7 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
     necessary, resolved = 1, 8  # prior: about 1 in 8 neurons is needed (VM: median 26.5 initial, 4 final)
     while pending:
         batch, pending = pending[:size], pending[size:]
-        results = scored([without(g) for g in batch])
+        results = score([without(g) for g in batch], reject=reject)
         passing = [(g, r) for g, r in zip(batch, results) if passes(r)]
         for g, r in zip(batch, results):
             if passes(r):
@@ -129,7 +125,7 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
                 pending += [g[i:i + part] for i in range(0, len(g), part)]
         if len(passing) > 1:
             union = [e for g, _ in passing for e in g]
-            r = scored([without(union)])[0]
+            r = score([without(union)], reject=reject)[0]
             if passes(r):
                 passing = [(union, r)]
             else:
@@ -148,7 +144,7 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
         for start in range(0, len(stale), size):
             chunk = [e for e in stale[start:start + size] if e in current]
             base_version = version
-            for e, r in zip(chunk, scored([without([e]) for e in chunk])):
+            for e, r in zip(chunk, score([without([e]) for e in chunk], reject=reject)):
                 if not passes(r):
                     failed_at[e] = base_version
                 elif version == base_version:  # the first pass of a chunk; later ones were tested on a stale set

@@ -18,8 +18,9 @@ from .batching import resolve_batching
 from .stats import NeuronStats
 
 Lists = dict[str, list[int]]  # per layer, a list of channels (repeats allowed, as the official code builds them)
-# candidates (, reject=None) -> per-kept-seed scores for each. With `reject` (one candidate), the scorer may return
-# a partial score as soon as it proves the candidate fails (`reject(partial)` is True); passes are always complete.
+# candidates (, reject=None) -> per-kept-seed scores for each. For a single candidate the scorer may honour `reject`
+# and return a partial score as soon as it proves the candidate fails (`reject(partial)` is True); passes are always
+# complete. Callers pass `reject` whenever a failing score's exact value is not needed.
 ScoreFn = Callable[..., list[torch.Tensor]]
 REJECT_MARGIN = 1e-4  # a single seed rejects only this far past the threshold: far above float noise across batches
 
@@ -127,7 +128,7 @@ def initial_selection(score: ScoreFn, acts: dict[str, torch.Tensor], stats: Neur
         block = steps[start:start + max(1, speculate)]
         cands = [ood_candidates(acts, stats, theta, k) for theta, k in block]
         last = start + len(block) == len(steps)  # a give-up refines against the last step's full score
-        scores = [float(s.max()) for s in (score(cands) if last or len(cands) > 1 else score(cands, reject=reject))]
+        scores = [float(s.max()) for s in score(cands, reject=None if last else reject)]
         for j, s in enumerate(scores):
             it = start + j
             if s <= settings.tau_initial:
@@ -157,7 +158,7 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
     re-speculated from there. Every decision therefore uses the set the sequential loop would use. The prediction
     is the majority outcome so far (ties: pass), and the block shrinks to twice the last useful run when
     predictions fail, so a wrong guess wastes little.
-    `reject` (one trial per call only) lets the scorer stop at the first seed that proves a trial fails.
+    `reject` lets the scorer stop at the first seed that proves a trial fails.
     """
     outcomes = [0, 0]  # fails, passes
     size = max(1, block)
@@ -170,8 +171,7 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
             if guess:
                 s = cands[-1]
         used = 0
-        scored = score(cands, reject=reject) if reject is not None and len(cands) == 1 else score(cands)
-        for cand, per_seed in zip(cands, scored):
+        for cand, per_seed in zip(cands, score(cands, reject=reject)):
             ok = passes(per_seed)
             used += 1
             outcomes[ok] += 1
