@@ -128,7 +128,9 @@ class LocalizationSection(_Strict):
     rel_threshold: float | None = Field(None, gt=0)
     refine: bool = True
     factor: float = Field(0.0, ge=0.0, lt=1.0)  # deactivation multiplier while searching (pruning removes: 0)
-    # batching of the search: null = auto (CUDA: from free memory; CPU: sequential). Results do not depend on them.
+    # batching of the search: null = auto (forward size: CUDA from free memory, CPU from the latent size; prompts
+    # side by side to fill it; speculation with what is left, CUDA only). Results do not depend on them.
+    parallel_prompts: int | None = Field(None, ge=1)  # prompts localized side by side, sharing UNet forwards
     speculate: int | None = Field(None, ge=1)  # initial-selection steps evaluated per UNet batch
     refine_block: int | None = Field(None, ge=1)  # speculative refinement trials per UNet batch
     batch_size: int | None = Field(None, ge=1)  # samples per UNet forward while localizing
@@ -184,6 +186,7 @@ class VerifySection(_Strict):
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
     generate: bool = True  # False: only the NeMo score before/after (no full generations)
+    batch_images: int | None = Field(None, ge=1)  # images per pipeline call (null: from the device and image size)
     control: bool = True  # a random-neuron control with the same per-layer counts
     clip_model: str | None = None  # a transformers CLIPModel (Hub id or local folder) for a CLIP score
     gates: dict[str, Gate] = Field(default_factory=dict)

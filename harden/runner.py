@@ -278,7 +278,7 @@ def stage_localize(run: Run) -> None:
         write_neurons(run.folder.file("localize", "exact_neurons.json"), exact_neurons)
         comparison = compare_modes([r for _, r in exact], [r for _, r in results])
         for mode, sub in (("fast", "prompts"), ("exact", "exact")):
-            comparison[mode]["seconds"] = round(sum(seconds for *_, seconds in _read_results(run.folder, sub)), 3)
+            comparison[mode]["seconds"] = run.folder.read_json(f"localize/{sub}_seconds.json")["seconds"]
         comparison["speedup_seconds"] = (comparison["exact"]["seconds"] / comparison["fast"]["seconds"]
                                          if comparison["fast"]["seconds"] else None)
         run.folder.write_json("localize/compare.json", comparison)
@@ -287,7 +287,10 @@ def stage_localize(run: Run) -> None:
 
 
 def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) -> None:
-    """Localize `wanted` prompts in `mode`, one result file per prompt under localize/<sub>/ (skipped if present)."""
+    """Localize `wanted` prompts in `mode`, side by side (`pool.run_pooled`); one result file per prompt under
+    localize/<sub>/, written as soon as that prompt is done (prompts with a file are skipped)."""
+    from .nemo.pool import run_pooled
+
     stats = NeuronStats.from_tensors(load_file(str(run.folder.file("calibrate", "stats.safetensors"))))
     settings, scorer = localize_settings(run), run.scorer()
     localize = _localizer(run, mode)
@@ -295,26 +298,43 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
     unblocked = safe_open(str(cached), "pt") if cached.exists() else None
     device = next(scorer.unet.parameters()).device
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
-    done_here = 0
-    with run.ui.stage(label, len(wanted)) as advance:
-        for index in wanted:
-            path = run.folder.file("localize", sub, f"{index:06d}.json")
-            if path.exists():
-                advance(1)
-                continue
-            prompt = run.inputs.memorized[index]
-            embed = run.embeds([prompt])
-            acts = {k: v[0] for k, v in value_activations(embed, run.targets).items()}
+    todo = [i for i in wanted if not run.folder.file("localize", sub, f"{i:06d}.json").exists()]
+    inputs = []
+    for index in todo:  # embeddings, activations and cached deltas here: the workers only search
+        prompt = run.inputs.memorized[index]
+        embed = run.embeds([prompt])
+        acts = {k: v[0] for k, v in value_activations(embed, run.targets).items()}
+        deltas = unblocked.get_tensor(str(index)).to(device) if unblocked is not None else None
+        inputs.append((prompt.text, embed, acts, deltas))
+
+    def job(item):
+        def search(shared: NoiseDiffScorer) -> tuple[PromptResult, float]:
             started = time.perf_counter()
-            deltas = unblocked.get_tensor(str(index)).to(device) if unblocked is not None else None
-            result = localize(scorer, embed, acts, stats, settings, prompt.text, deltas)
-            seconds = round(time.perf_counter() - started, 4)
+            result = localize(shared, item[1], item[2], stats, settings, item[0], item[3])
+            return result, round(time.perf_counter() - started, 4)
+        return search
+
+    wall = f"localize/{sub}_seconds.json"  # wall time of this mode, summed over resumed runs
+    spent = run.folder.read_json(wall)["seconds"] if run.folder.file(wall).exists() else 0.0
+    started = time.perf_counter()
+    with run.ui.stage(label, len(wanted)) as advance:
+        advance(len(wanted) - len(todo))
+        done_here = [0]
+
+        def save(position: int, found: tuple[PromptResult, float]) -> None:
+            index, (result, seconds) = todo[position], found
+            path = run.folder.file("localize", sub, f"{index:06d}.json")
             run.folder.write_json(path.relative_to(run.folder.path).as_posix(),
                                   {"index": index, **result.to_json(), "seconds": seconds})
+            run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
             advance(1)
-            done_here += 1
-            if kill_after and done_here >= kill_after:
+            done_here[0] += 1
+            if kill_after and done_here[0] >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+        loc = run.recipe.localization
+        run_pooled(scorer, [job(item) for item in inputs], loc.batch_size, loc.parallel_prompts, save)
+    run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
 
 
 def _localizer(run: Run, mode: str):

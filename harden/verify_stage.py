@@ -76,13 +76,16 @@ def verify(run) -> dict:
     held_rows = []
     if r.generate:
         variants_gen = {"before": run.pipe.unet, **variants}
-        with run.ui.stage("verify: generation", (len(with_images) + len(held)) * len(variants_gen)) as advance:
-            for i in with_images:
-                imgs = {}
-                for name, unet in variants_gen.items():
-                    with swapped_unet(run.pipe, unet):
-                        imgs[name] = generate(run.pipe, memorized[i].text, r.seeds, **gen)
-                    advance(1)
+        texts = [memorized[i].text for i in with_images] + [p.text for p in held]
+        with run.ui.stage("verify: generation", len(texts) * len(variants_gen)) as advance:
+            images = {}  # variant -> [prompt][seed], all prompts of a variant in shared pipeline calls
+            for name, unet in variants_gen.items():
+                with swapped_unet(run.pipe, unet):
+                    images[name] = generate(run.pipe, texts, r.seeds, **gen, batch_images=r.batch_images,
+                                            advance=advance)
+            for k, i in enumerate(with_images):
+                imgs = {name: images[name][k] for name in variants_gen}
+                for name in variants_gen:
                     for seed, img in zip(r.seeds, imgs[name]):
                         _save_png(images_dir / f"memorized_{i:06d}_seed{seed}_{name}.png", img)
                 ref = load_reference(memorized[i].image, imgs["before"][0].shape[:2])
@@ -91,11 +94,8 @@ def verify(run) -> dict:
             align = _alignment_fn(run.model_dir)
             clip = ClipScorer(r.clip_model, run.pipe.device) if r.clip_model else None
             for j, prompt in enumerate(held):
-                imgs = {}
-                for name, unet in variants_gen.items():
-                    with swapped_unet(run.pipe, unet):
-                        imgs[name] = generate(run.pipe, prompt.text, r.seeds, **gen)
-                    advance(1)
+                imgs = {name: images[name][len(with_images) + j] for name in variants_gen}
+                for name in variants_gen:
                     for seed, img in zip(r.seeds, imgs[name]):
                         _save_png(images_dir / f"heldout_{j:06d}_seed{seed}_{name}.png", img)
                 row = {"index": j, "prompt": prompt.text, "score_before": held_scores["before"][j],

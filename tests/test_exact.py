@@ -3,14 +3,13 @@ a small random UNet with a forced search path; and strictly fewer forwards."""
 
 import pytest
 import torch
+from micro_model import micro_model
 
-from harden.bench import amplify_cross_attention, forced_settings, kernel_for
+from harden.bench import forced_settings
 from harden.nemo.localize import LocalizeSettings, initial_selection, localize_prompt, refine, speculative_greedy
 from harden.nemo.reference import official_localize, reference_localize_prompt, synthetic_scorer
-from harden.nemo.score import NoiseDiffScorer, ScoreSettings
-from harden.nemo.stats import compute_stats, value_activations
-from harden.targets import resolve_targets
-from harden.tiny import tiny_unet
+from harden.nemo.score import NoiseDiffScorer
+from harden.nemo.stats import value_activations
 
 WIDTHS = [16, 16, 24, 24, 32, 32, 32]
 NAMES = [f"layer{i}" for i in range(len(WIDTHS))]
@@ -33,7 +32,7 @@ def _problem(seed):
 def _exact(score_lists, acts, stats, settings, speculate, block):
     calls = []
 
-    def score(cands, reject=None):
+    def score(cands, reject=None, near=None):
         calls.append(len(cands))
         return [score_lists([c.get(n, []) for n in NAMES]) for c in cands]
 
@@ -81,7 +80,7 @@ def test_speculation_decides_like_the_sequential_loop_and_builds_on_predicted_st
                 s = cand
         return s
 
-    def score_by_index(cands, reject=None):
+    def score_by_index(cands, reject=None, near=None):
         seen.append(len(cands))
         out = []
         for c in cands:
@@ -96,20 +95,13 @@ def test_speculation_decides_like_the_sequential_loop_and_builds_on_predicted_st
 
 @pytest.fixture(scope="module")
 def micro():
-    """A small random SD-v1-topology UNet (24x24 latents: the smallest 3-scale MS-SSIM with sigma 1.5 takes),
-    statistics from random embeddings, 4 seeds. One thread: on a shared CPU two threads on such small ops mostly
+    """`micro_model` and one random prompt. One thread: on a shared CPU two threads on such small ops mostly
     wait for each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    unet = tiny_unet(cross_attention_dim=32, widths=(8, 8, 16, 16), heads=2, sample_size=24, seed=1,
-                     layers_per_block=1)
-    targets = resolve_targets(unet)
-    amplify_cross_attention(targets)
-    g = torch.Generator().manual_seed(0)
-    stats = compute_stats(iter(torch.randn(32, 77, 32, generator=g).split(8)), targets)
+    unet, targets, stats, settings, g = micro_model()
     embed = torch.randn(1, 77, 32, generator=g)
     acts = {k: v[0] for k, v in value_activations(embed, targets).items()}
-    settings = ScoreSettings(n_seeds=4, kernel_size=kernel_for(24), seed_threshold=-1.0)
     yield unet, targets, stats, embed, acts, settings
     torch.set_num_threads(threads)
 
@@ -186,7 +178,7 @@ def test_early_rejection_keeps_every_decision_and_scores_fewer_seeds():
         for early in (False, True):
             seeds_scored = [0]
 
-            def score(cands, reject=None):
+            def score(cands, reject=None, near=None):
                 out = []
                 for c in cands:
                     s = score_lists([c.get(n, []) for n in NAMES])

@@ -148,7 +148,8 @@ def test_a_killed_run_resumes_to_the_same_neurons(workspace, tmp_path):
     done = subprocess.run([sys.executable, "-m", "harden", "localize", str(recipe), "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == -9, done.stderr[-2000:]
-    assert [p.name for p in (out / "localize/prompts").iterdir()] == ["000000.json"]
+    # prompts are searched side by side: whichever finished first was saved, and only it
+    assert [p.name for p in (out / "localize/prompts").iterdir()] in (["000000.json"], ["000001.json"])
     assert not (out / "localize/neurons.json").exists()
     state = _json(out / "run.json")["stages"]
     assert state["calibrate"]["done"] and state["detect"]["done"] and "localize" not in state

@@ -15,14 +15,26 @@ import torch
 
 from ..neurons import NeuronSet
 from .batching import resolve_batching
+from .score import ms_ssim
 from .stats import NeuronStats
 
 Lists = dict[str, list[int]]  # per layer, a list of channels (repeats allowed, as the official code builds them)
-# candidates (, reject=None) -> per-kept-seed scores for each. For a single candidate the scorer may honour `reject`
-# and return a partial score as soon as it proves the candidate fails (`reject(partial)` is True); passes are always
-# complete. Callers pass `reject` whenever a failing score's exact value is not needed.
+# candidates (, reject=None, near=None) -> per-kept-seed scores for each. For a single candidate the scorer may
+# honour `reject` and return a partial score as soon as it proves the candidate fails (`reject(partial)` is True);
+# passes are always complete. Callers pass `reject` whenever a failing score's exact value is not needed. A score for
+# which `near(score)` is True is replaced by the official layout's (`official_tie`); `near=ALWAYS` asks for it.
 ScoreFn = Callable[..., list[torch.Tensor]]
 REJECT_MARGIN = 1e-4  # a single seed rejects only this far past the threshold: far above float noise across batches
+TIE_BAND = 1e-4  # scores this close to a decision's threshold are decided in the official layout (float noise: ~1e-6)
+
+
+def ALWAYS(_: torch.Tensor) -> bool:
+    """`near=ALWAYS`: the score becomes a threshold itself, so it must be the official layout's."""
+    return True
+
+
+def near_threshold(tau: float) -> Callable[[torch.Tensor], bool]:
+    return lambda per_seed: abs(float(per_seed.max()) - tau) < TIE_BAND
 
 
 def rejects_above(tau: float, strict: bool) -> Callable[[torch.Tensor], bool]:
@@ -71,6 +83,8 @@ class PromptResult:
     refined_score: float = 0.0
     unet_forwards: int = 0
     sample_forwards: int = 0
+    tie_checks: int = 0  # scores near a threshold, decided in the official layout
+    tie_shift: float = 0.0  # the largest change such a re-check made: float noise between batch layouts
 
     def to_json(self) -> dict:
         return {
@@ -78,7 +92,7 @@ class PromptResult:
             "kept_seeds": self.kept_seeds, "initial": self.initial, "initial_score": self.initial_score,
             "iterations": self.iterations, "tau_refine": self.tau_refine, "neurons": self.refined.to_json(),
             "score": self.refined_score, "unet_forwards": self.unet_forwards,
-            "sample_forwards": self.sample_forwards,
+            "sample_forwards": self.sample_forwards, "tie_checks": self.tie_checks, "tie_shift": self.tie_shift,
         }
 
     @classmethod
@@ -120,22 +134,31 @@ def initial_selection(score: ScoreFn, acts: dict[str, torch.Tensor], stats: Neur
     """Alg. 3 -> (candidate lists, its score, tau for refinement, iterations used).
 
     Evaluates `speculate` schedule steps per scorer call and takes the first that passes: same result as the
-    sequential loop, since the candidate sets are fixed in advance. On give-up, refinement uses the last score.
+    sequential loop, since the candidate sets are fixed in advance. On give-up, refinement uses the last score; a
+    score that becomes refinement's threshold is the official layout's, so ties with it are decided as officially.
     """
     steps = schedule(settings)
     reject = rejects_above(settings.tau_initial, strict=True)
+    near_init, near_refine = near_threshold(settings.tau_initial), near_threshold(settings.tau_refine)
+
+    def near(per_seed: torch.Tensor) -> bool:  # a passing score is also refinement's starting score
+        return near_init(per_seed) or near_refine(per_seed)
+
     for start in range(0, len(steps), max(1, speculate)):
         block = steps[start:start + max(1, speculate)]
         cands = [ood_candidates(acts, stats, theta, k) for theta, k in block]
         last = start + len(block) == len(steps)  # a give-up refines against the last step's full score
-        scores = [float(s.max()) for s in score(cands, reject=None if last else reject)]
+        scores = [float(s.max()) for s in score(cands, reject=None if last else reject, near=near)]
         for j, s in enumerate(scores):
             it = start + j
             if s <= settings.tau_initial:
                 theta, k = block[j]  # official: the stop test also runs after a success
                 stopped = (settings.use_theta and theta <= settings.theta_min) or k >= settings.k_max
+                if stopped:
+                    s = float(score([cands[j]], near=ALWAYS)[0].max())
                 return cands[j], s, (s if stopped else settings.tau_refine), it + 1
-    return cands[-1], scores[-1], scores[-1], len(steps)
+    final = float(score([cands[-1]], near=ALWAYS)[0].max())
+    return cands[-1], final, final, len(steps)
 
 
 def _drop(lists: Lists, layer: str, neuron: int | None) -> Lists:
@@ -147,9 +170,15 @@ def _drop(lists: Lists, layer: str, neuron: int | None) -> Lists:
     return out
 
 
+def _as_set(lists: Lists) -> frozenset:
+    return frozenset((layer, n) for layer, idx in lists.items() for n in idx)
+
+
 def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials: Sequence[Callable[[Lists], Lists]],
                        passes: Callable[[torch.Tensor], bool], block: int = 1,
-                       reject: Callable[[torch.Tensor], bool] | None = None) -> tuple[Lists, float]:
+                       reject: Callable[[torch.Tensor], bool] | None = None,
+                       near: Callable[[torch.Tensor], bool] | None = None,
+                       state_seeds: torch.Tensor | None = None) -> tuple[Lists, float]:
     """Apply `trials` greedily in order (trial i is kept when `passes(score(trial_i(state)))`), batched.
 
     Why it is exact: up to `block` trials are evaluated in one scorer call, each built on the state that the
@@ -158,12 +187,21 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
     re-speculated from there. Every decision therefore uses the set the sequential loop would use. The prediction
     is the majority outcome so far (ties: pass), and the block shrinks to twice the last useful run when
     predictions fail, so a wrong guess wastes little.
-    `reject` lets the scorer stop at the first seed that proves a trial fails.
+    A trial that only drops a repeated occurrence blocks the same neurons as the state: the official code scores it
+    again and gets the state's score bit for bit, so with the state's per-seed scores known (`state_seeds`) it is
+    decided on them without a forward. `reject` lets the scorer stop at the first seed that proves a trial fails;
+    `near` marks scores that are decided in the official layout.
     """
     outcomes = [0, 0]  # fails, passes
     size = max(1, block)
     i = 0
     while i < len(trials):
+        same = trials[i](state)
+        if state_seeds is not None and _as_set(same) == _as_set(state):
+            if passes(state_seeds):
+                state = same
+            i += 1
+            continue
         guess = outcomes[1] >= outcomes[0]
         cands, s = [], state
         for trial in trials[i:i + size]:
@@ -171,12 +209,12 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
             if guess:
                 s = cands[-1]
         used = 0
-        for cand, per_seed in zip(cands, score(cands, reject=reject)):
+        for cand, per_seed in zip(cands, score(cands, reject=reject, near=near)):
             ok = passes(per_seed)
             used += 1
             outcomes[ok] += 1
             if ok:
-                state, state_score = cand, float(per_seed.max())
+                state, state_score, state_seeds = cand, float(per_seed.max()), per_seed
             if ok != guess:
                 break
         i += used
@@ -197,24 +235,34 @@ def refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequence[str
     """Alg. 4, official order: (a) whole layers in reverse order, (b) single neurons, reverse layers, list order.
 
     Greedy: each test uses the already-reduced set. `block` > 1 evaluates that many trials per scorer call
-    (`speculative_greedy`), with the same decisions. Returns (lists, score of the final set).
+    (`speculative_greedy`), with the same decisions. Scores within `TIE_BAND` of the threshold are decided in the
+    official layout. Returns (lists, score of the final set).
     """
     current = copy.deepcopy(initial)
-    baseline = score([initial])[0] if settings.rel_threshold is not None else None
+    baseline = score([initial], near=ALWAYS)[0] if settings.rel_threshold is not None else None
+
+    def relative(per_seed: torch.Tensor) -> float:
+        return float(((per_seed - baseline) / (baseline.abs() + 1e-9)).abs().max())
 
     def passes(per_seed: torch.Tensor) -> bool:
         if baseline is None:
             return float(per_seed.max()) < tau
-        rel = ((per_seed - baseline) / (baseline.abs() + 1e-9)).abs().max()
-        return float(rel) < settings.rel_threshold
+        return relative(per_seed) < settings.rel_threshold
 
-    reject = rejects_above(tau, strict=False) if baseline is None else None  # refinement keeps a drop when < tau
+    if baseline is None:  # refinement keeps a drop when < tau
+        reject, near, known = rejects_above(tau, strict=False), near_threshold(tau), torch.tensor([initial_score])
+    else:  # the state's seeds are the baseline itself
+        reject, near, known = None, (lambda ps: abs(relative(ps) - settings.rel_threshold) < TIE_BAND), baseline
     layers = [layer for layer in reversed(list(layer_order)) if current.get(layer)]
     current, current_score = speculative_greedy(score, current, initial_score, [_drop_layer(x) for x in layers],
-                                                passes, block, reject)
+                                                passes, block, reject, near, known)
     # a layer's list only changes during its own turn, so the whole neuron-level sequence is known here
     trials = [_drop_neuron(layer, n) for layer in reversed(list(layer_order)) for n in list(current.get(layer, []))]
-    return speculative_greedy(score, current, current_score, trials, passes, block, reject)
+    if baseline is None:
+        known = torch.tensor([current_score])  # the decision only reads the max
+    elif _as_set(current) != _as_set(initial):
+        known = None
+    return speculative_greedy(score, current, current_score, trials, passes, block, reject, near, known)
 
 
 def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
@@ -227,7 +275,9 @@ def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], 
     The unblocked deltas are computed once (or passed in as `unblocked`, e.g. from a batched detection pass) and
     reused; blocked passes run only the kept seeds. `speculate` (initial-selection steps per forward),
     `refine_block` (speculative refinement trials per forward) and `batch_size` (samples per forward) default to
-    `batching.resolve_batching`: sequential on CPU, from free memory on CUDA. Results never depend on them.
+    `batching.resolve_batching`: sequential on CPU, from free memory on CUDA. Results never depend on them, nor on
+    sharing forwards with other prompts (`pool`): a score within `TIE_BAND` of a threshold is decided in the
+    official layout.
     """
     return localize_with(refine, scorer, embed, acts, stats, settings, prompt, speculate, refine_block=refine_block,
                          batch_size=batch_size, unblocked=unblocked, early_reject=early_reject)
@@ -239,12 +289,34 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
                   initial_fn=initial_selection, early_reject: bool = False) -> PromptResult:
     """Seed filter, `initial_fn`, then `refine_fn` (exact mode's sequential pair, or fast mode's search pair)."""
     before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
+    n = scorer.settings.n_seeds
+    official = {}  # the unblocked deltas in the official layout, computed when a tie first needs them
+
+    def official_unblocked() -> torch.Tensor:
+        if "deltas" not in official:
+            official["deltas"] = scorer.noise_diff(embed.expand(n, -1, -1), torch.arange(n), solo=True)
+        return official["deltas"]
+
     reference = scorer.unblocked(embed) if unblocked is None else unblocked
+    if unblocked is None and scorer.sharing == 1:  # computed alone, all seeds in one forward: the official layout
+        official["deltas"] = reference
     per_seed, kept = scorer.seed_filter(reference)
+    if ((per_seed - scorer.settings.seed_threshold).abs() < TIE_BAND).any():  # a seed on the fence: decide officially
+        reference = official_unblocked()
+        per_seed, kept = scorer.seed_filter(reference)
     result = PromptResult(prompt, bool(len(kept)), per_seed.tolist(), kept.tolist())
     if result.memorized:
         reference = reference[kept]
-        plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block)
+        plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block, scorer.sharing)
+
+        def official_tie(cand: Lists) -> torch.Tensor:
+            """The score in the official layout: all n seeds of this one candidate alone in a forward, against the
+            official unblocked deltas. Float rounding depends on the batch layout (~1e-6 here), so a score that
+            close to a threshold could flip a decision; decided this way it is the official code's decision."""
+            masks = scorer.candidate_masks([cand], 1)
+            deltas = scorer.noise_diff(embed.expand(n, -1, -1), torch.arange(n), masks, solo=True)
+            result.tie_checks += 1
+            return ms_ssim(official_unblocked()[kept], deltas[kept], scorer.settings)
 
         # early rejection (opt-in): score the seed most likely to fail first (the last one that failed; at first,
         # the most consistent unblocked seed), so a failing candidate costs a 1-sample forward instead of all kept
@@ -254,7 +326,7 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
         seed_order = sorted(range(len(kept)), key=lambda i: -float(per_seed[kept[i]]))
         seen = {"fail": 1, "pass": 0}
 
-        def score(cands: Sequence[Lists], reject=None) -> list[torch.Tensor]:
+        def shared(cands: Sequence[Lists], reject=None) -> list[torch.Tensor]:
             if not early_reject or reject is None or len(cands) != 1:
                 return scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
             if len(kept) > 1 and seen["fail"] * (len(kept) - 1) >= seen["pass"]:
@@ -269,6 +341,23 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
             if failed:
                 seed_order.insert(0, seed_order.pop(seed_order.index(int(full[0].argmax()))))
             return full
+
+        # one candidate with all n seeds in one unshared forward, against official unblocked deltas: that already
+        # is the official layout (per-sample masks multiply by the same values as the official [1, width] one)
+        native = "deltas" in official and len(kept) == n and n <= min(plan.batch_size, scorer.settings.max_batch)
+
+        def score(cands: Sequence[Lists], reject=None, near=None) -> list[torch.Tensor]:
+            if native and len(cands) == 1:
+                return shared(cands, reject)
+            if near is ALWAYS:
+                return [official_tie(c) for c in cands]
+            out = shared(cands, reject)
+            if near is not None:  # a rejected partial score is past the margin, never near
+                for i, (cand, s) in enumerate(zip(cands, out)):
+                    if near(s):
+                        out[i] = official_tie(cand)
+                        result.tie_shift = max(result.tie_shift, float((out[i] - s).abs().max()))
+            return out
 
         initial, s0, tau, iters = initial_fn(score, acts, stats, settings, plan.speculate)
         result.initial, result.initial_score, result.tau_refine, result.iterations = initial, s0, tau, iters

@@ -110,6 +110,7 @@ class NoiseDiffScorer:
     timestep: int
     settings: ScoreSettings = field(default_factory=ScoreSettings)
     counter: ForwardCounter = field(default_factory=ForwardCounter)
+    sharing = 1  # how many prompts' searches share this scorer's forwards (`pool.PooledScorer` sets it)
 
     def __post_init__(self):
         cfg = self.unet.config
@@ -124,11 +125,12 @@ class NoiseDiffScorer:
 
     @torch.no_grad()
     def noise_diff(self, embeds: torch.Tensor, seeds: torch.Tensor, masks: dict[str, torch.Tensor] | None = None,
-                   max_batch: int | None = None):
+                   max_batch: int | None = None, solo: bool = False):
         """Normalized delta for samples (embeds[i], latent seeds[i]) with optional per-sample masks; chunked by
-        `max_batch` samples (default: the settings')."""
+        `max_batch` samples (default: the settings'). `solo`: the official layout, these samples alone in forwards
+        of the settings' `max_batch` (a pooled scorer shares forwards otherwise), whatever `max_batch` says."""
         param = next(self.unet.parameters())
-        chunk = max_batch or self.settings.max_batch
+        chunk = self.settings.max_batch if solo else (max_batch or self.settings.max_batch)
         outs = []
         for s in range(0, len(seeds), chunk):
             sl = slice(s, s + chunk)
