@@ -19,9 +19,8 @@ import typer
 
 from .errors import BadInputError, HardenError
 from .nemo.fast import compare_modes, localize_prompt_fast
-from .nemo.batching import prompt_workers
 from .nemo.localize import LocalizeSettings, PromptResult, localize_prompt, ood_candidates, schedule
-from .nemo.pool import run_pooled
+from .nemo.pool import pool_workers, run_pooled
 from .nemo.reference import reference_localize_prompt
 from .nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
                          max_pairwise_scores)
@@ -256,7 +255,7 @@ def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine
         total = {"unet_forwards": scorer.counter.unet_forwards, "sample_forwards": scorer.counter.sample_forwards,
                  "seconds": round(time.perf_counter() - start, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
                  "parallel_prompts": 1 if mode == "reference" else
-                 min(len(jobs), parallel_prompts or prompt_workers(scorer, len(jobs), batch_size)),
+                 pool_workers(scorer, len(jobs), batch_size, parallel_prompts),
                  "tie_checks": sum(r.tie_checks for r in results[mode]),
                  "tie_shift_max": max((r.tie_shift for r in results[mode]), default=0.0)}
         out["modes"][mode] = {"prompts": rows, "total": total}

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,18 +300,17 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
     device = next(scorer.unet.parameters()).device
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
     todo = [i for i in wanted if not run.folder.file("localize", sub, f"{i:06d}.json").exists()]
-    inputs = []
-    for index in todo:  # embeddings, activations and cached deltas here: the workers only search
-        prompt = run.inputs.memorized[index]
-        embed = run.embeds([prompt])
-        acts = {k: v[0] for k, v in value_activations(embed, run.targets).items()}
-        deltas = unblocked.get_tensor(str(index)).to(device) if unblocked is not None else None
-        inputs.append((prompt.text, embed, acts, deltas))
+    reading = threading.Lock()  # the text encoder and the cached-deltas file serve one worker at a time
 
-    def job(item):
+    def job(index: int):
         def search(shared: NoiseDiffScorer) -> tuple[PromptResult, float]:
             started = time.perf_counter()
-            result = localize(shared, item[1], item[2], stats, settings, item[0], item[3])
+            with reading:  # inputs are read when the prompt starts, so memory holds only the running prompts'
+                prompt = run.inputs.memorized[index]
+                embed = run.embeds([prompt])
+                acts = {k: v[0] for k, v in value_activations(embed, run.targets).items()}
+                deltas = unblocked.get_tensor(str(index)).to(device) if unblocked is not None else None
+            result = localize(shared, embed, acts, stats, settings, prompt.text, deltas)
             return result, round(time.perf_counter() - started, 4)
         return search
 
@@ -323,8 +323,7 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
 
         def save(position: int, found: tuple[PromptResult, float]) -> None:
             index, (result, seconds) = todo[position], found
-            path = run.folder.file("localize", sub, f"{index:06d}.json")
-            run.folder.write_json(path.relative_to(run.folder.path).as_posix(),
+            run.folder.write_json(f"localize/{sub}/{index:06d}.json",
                                   {"index": index, **result.to_json(), "seconds": seconds})
             run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
             advance(1)
@@ -333,7 +332,7 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
                 os.kill(os.getpid(), signal.SIGKILL)
 
         loc = run.recipe.localization
-        run_pooled(scorer, [job(item) for item in inputs], loc.batch_size, loc.parallel_prompts, save)
+        run_pooled(scorer, [job(index) for index in todo], loc.batch_size, loc.parallel_prompts, save)
     run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
 
 
@@ -348,19 +347,15 @@ def _localizer(run: Run, mode: str):
         batch_size=loc.batch_size, unblocked=unblocked, early_reject=loc.early_reject)
 
 
-def _read_results(folder: RunFolder, sub: str) -> list[tuple[int, PromptResult, float]]:
-    """(prompt index, result, wall seconds) of every per-prompt file under localize/<sub>/, in prompt order."""
+def load_results(folder: RunFolder, sub: str = "prompts") -> list[tuple[int, PromptResult]]:
+    """(prompt index, result) of every per-prompt file under localize/<sub>/, in prompt order."""
     out = []
     for path in sorted(folder.file("localize", sub).glob("*.json")):
         data = json.loads(path.read_text())
-        index, seconds = data.pop("index"), float(data.pop("seconds", 0.0))
-        out.append((index, PromptResult.from_json(data), seconds))
+        index = data.pop("index")
+        data.pop("seconds", None)
+        out.append((index, PromptResult.from_json(data)))
     return out
-
-
-def load_results(folder: RunFolder, sub: str = "prompts") -> list[tuple[int, PromptResult]]:
-    """(prompt index, result) of every per-prompt file under localize/<sub>/, in prompt order."""
-    return [(index, result) for index, result, _ in _read_results(folder, sub)]
 
 
 def write_neurons(path: Path, neurons: NeuronSet) -> None:

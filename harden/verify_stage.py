@@ -12,8 +12,8 @@ import numpy as np
 
 from .neurons import NeuronSet
 from .prune import prune_dense
-from .verify import (ClipScorer, best_of_seeds_ssim, evaluate_gates, generate, load_reference, random_control,
-                     ssim, swapped_unet)
+from .verify import (ClipScorer, best_of_seeds_ssim, evaluate_gates, generate, images_per_call, load_reference,
+                     random_control, ssim, swapped_unet)
 
 
 def _alignment_fn(model_dir: Path | None):
@@ -30,6 +30,28 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
+
+
+def _save_images(folder: Path, stem: str, seeds, images: dict[str, list[np.ndarray]]) -> None:
+    for name, batch in images.items():
+        for seed, img in zip(seeds, batch):
+            _save_png(folder / f"{stem}_seed{seed}_{name}.png", img)
+
+
+def _held_row(j: int, text: str, held_scores: dict, variants, imgs: dict[str, list[np.ndarray]], align, clip) -> dict:
+    """One held-out prompt's scores, SSIM of each variant to the base at the same seeds, alignment and CLIP."""
+    row = {"index": j, "prompt": text, "score_before": held_scores["before"][j],
+           **{f"score_{name}": held_scores[name][j] for name in variants}}
+    for name in variants:
+        row[f"ssim_base_vs_{name}"] = [ssim(a, b) for a, b in zip(imgs["before"], imgs[name])]
+    if align is not None:
+        for name, batch in imgs.items():
+            values = [align(img, text) for img in batch]
+            row[f"alignment_{name}"] = statistics.fmean(values) if None not in values else None
+    if clip is not None:
+        for name, batch in imgs.items():
+            row[f"clip_{name}"] = statistics.fmean(clip(batch, text))
+    return row
 
 
 def verify(run) -> dict:
@@ -77,39 +99,30 @@ def verify(run) -> dict:
     if r.generate:
         variants_gen = {"before": run.pipe.unet, **variants}
         texts = [memorized[i].text for i in with_images] + [p.text for p in held]
+        align = _alignment_fn(run.model_dir)
+        clip = ClipScorer(r.clip_model, run.pipe.device) if r.clip_model else None
+        per_call = r.batch_images or images_per_call(run.pipe, r.height, r.width)
+        step = max(1, per_call // len(r.seeds))  # prompts per pipeline call; only their images are held in memory
         with run.ui.stage("verify: generation", len(texts) * len(variants_gen)) as advance:
-            images = {}  # variant -> [prompt][seed], all prompts of a variant in shared pipeline calls
-            for name, unet in variants_gen.items():
-                with swapped_unet(run.pipe, unet):
-                    images[name] = generate(run.pipe, texts, r.seeds, **gen, batch_images=r.batch_images,
-                                            advance=advance)
-            for k, i in enumerate(with_images):
-                imgs = {name: images[name][k] for name in variants_gen}
-                for name in variants_gen:
-                    for seed, img in zip(r.seeds, imgs[name]):
-                        _save_png(images_dir / f"memorized_{i:06d}_seed{seed}_{name}.png", img)
-                ref = load_reference(memorized[i].image, imgs["before"][0].shape[:2])
-                for name in variants_gen:
-                    per_prompt[i][f"ssim_to_reference_{name}"] = best_of_seeds_ssim(imgs[name], ref)
-            align = _alignment_fn(run.model_dir)
-            clip = ClipScorer(r.clip_model, run.pipe.device) if r.clip_model else None
-            for j, prompt in enumerate(held):
-                imgs = {name: images[name][len(with_images) + j] for name in variants_gen}
-                for name in variants_gen:
-                    for seed, img in zip(r.seeds, imgs[name]):
-                        _save_png(images_dir / f"heldout_{j:06d}_seed{seed}_{name}.png", img)
-                row = {"index": j, "prompt": prompt.text, "score_before": held_scores["before"][j],
-                       **{f"score_{name}": held_scores[name][j] for name in variants}}
-                for name in variants:
-                    row[f"ssim_base_vs_{name}"] = [ssim(a, b) for a, b in zip(imgs["before"], imgs[name])]
-                if align is not None:
-                    for name, batch in imgs.items():
-                        values = [align(img, prompt.text) for img in batch]
-                        row[f"alignment_{name}"] = (statistics.fmean(values) if None not in values else None)
-                if clip is not None:
-                    for name, batch in imgs.items():
-                        row[f"clip_{name}"] = statistics.fmean(clip(batch, prompt.text))
-                held_rows.append(row)
+            for start in range(0, len(texts), step):
+                part = texts[start:start + step]
+                images = {}  # variant -> [prompt of this part][seed]
+                for name, unet in variants_gen.items():
+                    with swapped_unet(run.pipe, unet):
+                        images[name] = generate(run.pipe, part, r.seeds, **gen, batch_images=per_call,
+                                                advance=advance)
+                for k in range(start, start + len(part)):
+                    imgs = {name: images[name][k - start] for name in variants_gen}
+                    if k < len(with_images):
+                        i = with_images[k]
+                        _save_images(images_dir, f"memorized_{i:06d}", r.seeds, imgs)
+                        ref = load_reference(memorized[i].image, imgs["before"][0].shape[:2])
+                        for name in variants_gen:
+                            per_prompt[i][f"ssim_to_reference_{name}"] = best_of_seeds_ssim(imgs[name], ref)
+                    else:
+                        j = k - len(with_images)
+                        _save_images(images_dir, f"heldout_{j:06d}", r.seeds, imgs)
+                        held_rows.append(_held_row(j, held[j].text, held_scores, variants, imgs, align, clip))
 
     if held and not r.generate:
         held_rows = [{"index": j, "prompt": p.text, "score_before": held_scores["before"][j],

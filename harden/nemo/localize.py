@@ -83,7 +83,7 @@ class PromptResult:
     refined_score: float = 0.0
     unet_forwards: int = 0
     sample_forwards: int = 0
-    tie_checks: int = 0  # scores near a threshold, decided in the official layout
+    tie_checks: int = 0  # scores taken in the official layout: near a threshold, or becoming one
     tie_shift: float = 0.0  # the largest change such a re-check made: float noise between batch layouts
 
     def to_json(self) -> dict:

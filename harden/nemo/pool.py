@@ -132,6 +132,12 @@ class PooledScorer(NoiseDiffScorer):
         return out
 
 
+def pool_workers(scorer: NoiseDiffScorer, n_jobs: int, batch_size: int | None = None,
+                 workers: int | None = None) -> int:
+    """Prompts searched at a time: `workers`, or as many as fill a forward (`batching.prompt_workers`)."""
+    return max(1, min(workers or prompt_workers(scorer, n_jobs, batch_size), n_jobs))
+
+
 def run_pooled(scorer: NoiseDiffScorer, jobs: Sequence[Callable[[NoiseDiffScorer], T]],
                batch_size: int | None = None, workers: int | None = None,
                on_done: Callable[[int, T], None] | None = None) -> list[T]:
@@ -143,7 +149,7 @@ def run_pooled(scorer: NoiseDiffScorer, jobs: Sequence[Callable[[NoiseDiffScorer
     first error stops the taking of new jobs and is raised once the running ones end.
     """
     max_batch = batch_size or auto_batch_size(scorer)  # resolved here, so no worker probes memory through the pool
-    workers = max(1, min(workers or prompt_workers(scorer, len(jobs), max_batch), len(jobs)))
+    workers = pool_workers(scorer, len(jobs), max_batch, workers)
     if workers == 1:  # nothing to share: the scorer itself, no threads
         results = []
         for i, job in enumerate(jobs):
