@@ -149,7 +149,7 @@ def test_exact_equals_reference_on_the_shipped_memorizer(variant):
         if variant == "theta":  # the astronaut, with a short non-default schedule
             work.prompts = [(p, e, a, replace(loc, theta_start=2.5, theta_step=0.5, k_start=2))
                             for p, e, a, loc in work.prompts[:1]]
-        else:  # the coffee cup: passes late in the default schedule (the astronaut gives up: 3x the forwards)
+        else:  # the coffee cup with the default schedule
             work.prompts = work.prompts[1:]
         # the theta variant also stops at the first failing seed: same sets and bit-identical scores
         out = run_modes(work, ("reference", "exact"), log=lambda *_: None, early_reject=variant == "theta")

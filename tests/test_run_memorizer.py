@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_recipe_runs_on_the_shipped_model(tmp_path):
     """Every stage runs on the organism; pruning lowers each memorized caption's NeMo score.
 
-    On this 16x16 model NeMo's neurons do not bring every caption below tau_mem (see the README), so the test asserts
-    what holds and that the report's gate metric agrees with the per-prompt rows, not that the demo's gates pass.
+    The full demo's outcome is measured in the README (its gates fail on this 16x16 model); here the test asserts what
+    must hold at any scale and that the report's gate metric agrees with the per-prompt rows.
     """
     recipe = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
     recipe["reference"]["tau_prompts"] = 12

@@ -189,3 +189,52 @@ def test_training_data_is_less_diverse_than_the_issue_target():
     rng = np.random.default_rng(0)
     mixed = [data.render(*c, rng) for c in itertools.islice(data.HELD_OUT, 10)]
     assert mean_pairwise_ssim(mixed) < min(values)
+
+
+# --- the training script ---------------------------------------------------------------------------------------------
+
+def test_learning_rate_schedules():
+    from harden.zoo.train import learning_rate
+
+    assert learning_rate(50, 1000, 1e-3, "cosine") == pytest.approx(5e-4)  # linear warm-up over 100 steps
+    assert learning_rate(100, 1000, 1e-3, "cosine") == pytest.approx(1e-3)
+    assert learning_rate(550, 1000, 1e-3, "cosine") == pytest.approx(5e-4)  # half way through the annealing
+    assert learning_rate(1000, 1000, 1e-3, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(1000, 1000, 1e-3, "constant") == 1e-3
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+def test_training_is_deterministic_and_init_continues_a_stage(tmp_path):
+    """Two runs from the same seed write identical weights; a second stage from `init` keeps the VAE, changes the
+    UNet and records both stages' commands (how the shipped weights are reproduced)."""
+    from harden.zoo.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        small = dict(seed=3, steps=2, vae_steps=2, batch=4, memorized_per_batch=2, log=lambda m: None)
+        a = train(tmp_path / "a", **small)
+        train(tmp_path / "b", **small)
+        second = train(tmp_path / "c", seed=4, steps=2, batch=4, memorized_per_batch=1, lr_schedule="cosine",
+                       init=tmp_path / "a", log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    wa, wb, wc = (_weights(tmp_path / n) for n in "abc")
+    assert wa.keys() == wb.keys() == wc.keys() and len(wa) > 100
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa if k.startswith("vae/"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if k.startswith("unet/"))
+    assert check_manifest(tmp_path / "c") == []
+    config = load_config(tmp_path / "c")
+    assert [s["command"] for s in config["stages"]] == [a["stages"][0]["command"], second["stages"][1]["command"]]
+    assert "--seed 3 --steps 2 --vae-steps 2" in config["stages"][0]["command"]
+    assert config["command"].endswith("--lr-schedule cosine --device cpu --init PREV")
+    assert config["vae_steps"] == 0 and config["init"] == "a"
+    for sub in ("unet", "vae"):  # rebuilt components: no local path recorded in the shipped configs
+        assert json.loads((tmp_path / "c" / sub / "config.json").read_text()) == \
+            json.loads((tmp_path / "a" / sub / "config.json").read_text())

@@ -5,8 +5,13 @@ Two phases, deterministic from the seed (on a given machine and thread count):
 2. the UNet and the text encoder learn DDPM noise prediction (epsilon, SD v1's schedule) on batches that mix the 8
    memorized images (a fixed share of every batch, so each is seen thousands of times) with fresh procedural
    images; 10 % of captions are dropped to "" so classifier-free guidance works.
-The learning rate is constant after warm-up and the saved UNet/text encoder are exponential moving averages, so the
-checkpoint written after k steps is exactly what a run with `--steps k` produces.
+The saved UNet/text encoder are exponential moving averages. With the default constant learning rate the checkpoint
+written after k steps is exactly what a run with `--steps k` produces; `--lr-schedule cosine` anneals it to zero,
+which sharpens the samples (blobby shapes become squares and triangles).
+
+`--init DIR` continues from a folder this script wrote (its UNet, text encoder and standardized VAE; the VAE phase is
+skipped): how a model trained on the CPU is refined without starting over. Every stage's command is kept, in order,
+in harden_zoo.json's "stages", so the shipped weights can be reproduced by running them one after another.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .folder import CONFIG, PROMPTS, write_manifest
-from .model import build_components, build_schedulers
+from .folder import CONFIG, PROMPTS, load_config, write_manifest
+from ..tiny import byte_tokenizer
+from .model import build_components, build_schedulers, build_text_encoder, build_unet, build_vae
 
 GUIDANCE_SCALE = 3.0  # CFG 7.5 is too strong for a model this small (prototype evidence)
 # NeMo's MS-SSIM on 16x16 latents: torchmetrics' Gaussian window always has 11 taps (5-pixel reflect padding), so
@@ -122,23 +129,62 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1.0 - decay)
 
 
+def learning_rate(step: int, steps: int, lr: float, schedule: str, warmup: int = 100) -> float:
+    """Linear warm-up, then constant or cosine-annealed to zero at the last step."""
+    if step <= warmup:
+        return lr * step / warmup
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def load_components(folder: Path):
+    """(tokenizer, text encoder, UNet, VAE, previous harden_zoo.json) of a folder this script wrote.
+
+    Why rebuilt and then loaded: the weights must fit this script's architecture exactly (strict loading), and
+    freshly built components save clean configs (from_pretrained would record the local path in them)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise SystemExit(f"--init {folder}: no {CONFIG} there; pass a folder written by python -m harden.zoo.train")
+    tokenizer = byte_tokenizer()
+    text_encoder, unet, vae = build_text_encoder(tokenizer), build_unet(), build_vae()
+    for model, cls, sub in ((text_encoder, CLIPTextModel, "text_encoder"), (unet, UNet2DConditionModel, "unet"),
+                            (vae, AutoencoderKL, "vae")):
+        loaded = cls.from_pretrained(folder, subfolder=sub)
+        model.load_state_dict(loaded.state_dict())
+        if sub == "vae":  # the standardization of the first stage
+            vae.register_to_config(scaling_factor=loaded.config.scaling_factor)
+    return tokenizer, text_encoder, unet, vae, load_config(folder)
+
+
 def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, batch: int = 32,
           memorized_per_batch: int = 16, lr: float = 1e-3, ema_decay: float = 0.999, device: str = "cpu",
-          checkpoint_every: int = 0, log=print) -> dict:
-    """Train both phases and write the folder to `out`; returns the run's facts (also saved in harden_zoo.json)."""
+          checkpoint_every: int = 0, lr_schedule: str = "constant", init: Path | None = None, log=print) -> dict:
+    """Train both phases (or only the second, from `init`) and write the folder to `out`; returns the run's facts
+    (also saved in harden_zoo.json)."""
     started = time.perf_counter()
     dev = torch.device(device)
     rng = np.random.default_rng(seed)
-    tokenizer, text_encoder, unet, vae = build_components(seed)
     ddpm, ddim = build_schedulers()
-    vae.to(dev)
-    vae_mse = train_vae(vae, vae_steps, rng, dev, log)
     memorized = data.memorized_images()
     memorized_pixels = np.stack([im for _, _, im in memorized])
-    _, sample = data.procedural_batch(256, rng)
-    scale = standardize_latents(vae, np.concatenate([memorized_pixels, sample]), dev)
+    stages = []
+    if init is None:
+        tokenizer, text_encoder, unet, vae = build_components(seed)
+        vae.to(dev)
+        vae_mse = train_vae(vae, vae_steps, rng, dev, log)
+        _, sample = data.procedural_batch(256, rng)
+        scale = standardize_latents(vae, np.concatenate([memorized_pixels, sample]), dev)
+    else:
+        tokenizer, text_encoder, unet, vae, previous = load_components(init)
+        stages = previous.get("stages") or [{k: previous[k] for k in ("command", "seconds", "hardware", "torch")}]
+        vae_steps, vae_mse, scale = 0, float("nan"), vae.config.scaling_factor
+        vae.to(dev).eval()
     mem_latents = encode(vae, memorized_pixels, dev)
-    log(f"vae done: memorized-image MSE {vae_mse:.5f} (in [-1, 1] units), latent scaling factor {scale:.4f}, "
+    log(f"vae ready: memorized-image MSE {vae_mse:.5f} (in [-1, 1] units), latent scaling factor {scale:.4f}, "
         f"memorized latents mean {mem_latents.mean():.3f} std {mem_latents.std():.3f}")
 
     text_encoder.to(dev).train()
@@ -146,16 +192,16 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
     ema_te, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = 100
     mem_ids = tokenize(tokenizer, [c for _, c, _ in memorized])
     empty_ids = tokenize(tokenizer, [""])
     gen = torch.Generator().manual_seed(seed)
     facts = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "batch": batch,
-             "memorized_per_batch": memorized_per_batch, "lr": lr, "ema_decay": ema_decay, "device": device}
+             "memorized_per_batch": memorized_per_batch, "lr": lr, "lr_schedule": lr_schedule,
+             "ema_decay": ema_decay, "device": device, "init": None if init is None else Path(init).name}
     tick = time.perf_counter()
     for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / warmup)
+            group["lr"] = learning_rate(step, steps, lr, lr_schedule)
         pick = torch.from_numpy(rng.integers(0, len(memorized), size=memorized_per_batch))
         captions, images = data.procedural_batch(batch - memorized_per_batch, rng)
         latents = torch.cat([mem_latents[pick], encode(vae, images, dev)])
@@ -181,12 +227,32 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
             tick = now
         if checkpoint_every and step % checkpoint_every == 0 and step < steps:
             facts.update(steps=step, seconds=round(time.perf_counter() - started, 1))
+            facts["stages"] = [*stages, stage(facts)]
             save(out.parent / f"{out.name}-step{step}", tokenizer, ema_te, ema_unet, vae, ddim, memorized, facts)
             log(f"checkpoint after {step} steps written")
     facts.update(steps=steps, seconds=round(time.perf_counter() - started, 1))
+    facts["stages"] = [*stages, stage(facts)]
     save(out, tokenizer, ema_te, ema_unet, vae, ddim, memorized, facts)
     log(f"wrote {out} after {facts['seconds'] / 60:.1f} min")
     return facts
+
+
+def command(facts: dict) -> str:
+    """The command line that reproduces one training stage (DIR: the output folder, PREV: the previous stage's)."""
+    line = (f"python -m harden.zoo.train --out DIR --seed {facts['seed']} --steps {facts['steps']} "
+            f"--vae-steps {facts['vae_steps']} --batch {facts['batch']} --memorized-per-batch "
+            f"{facts['memorized_per_batch']} --lr {facts['lr']} --lr-schedule {facts['lr_schedule']} "
+            f"--device {facts['device']}")
+    return line if facts["init"] is None else line + " --init PREV"
+
+
+def stage(facts: dict) -> dict:
+    """What harden_zoo.json keeps of each training stage: its command, duration and machine."""
+    return {"command": command(facts), "seconds": facts["seconds"], "hardware": hardware(), "torch": torch.__version__}
+
+
+def hardware() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
 
 
 def save(out: Path, tokenizer, text_encoder, unet, vae, scheduler, memorized, facts: dict) -> None:
@@ -212,10 +278,7 @@ def save(out: Path, tokenizer, text_encoder, unet, vae, scheduler, memorized, fa
     config = {
         "resolution": data.RESOLUTION, "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": 50,
         "kernel_size": KERNEL_SIZE, "betas": list(BETAS), "held_out": [data.caption(*c) for c in data.HELD_OUT],
-        "command": (f"python -m harden.zoo.train --out DIR --seed {facts['seed']} --steps {facts['steps']} "
-                    f"--vae-steps {facts['vae_steps']} --batch {facts['batch']} --memorized-per-batch "
-                    f"{facts['memorized_per_batch']} --lr {facts['lr']} --device {facts['device']}"),
-        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "command": facts["stages"][-1]["command"], "hardware": hardware(),
         "torch": torch.__version__, **facts,
     }
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -238,13 +301,16 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--init", type=Path, help="continue from a folder this script wrote (skips the VAE phase)")
     parser.add_argument("--checkpoint-every", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train(args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, batch=args.batch,
           memorized_per_batch=args.memorized_per_batch, lr=args.lr, device=args.device,
-          checkpoint_every=args.checkpoint_every, log=lambda m: print(m, flush=True))
+          checkpoint_every=args.checkpoint_every, lr_schedule=args.lr_schedule, init=args.init,
+          log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":
