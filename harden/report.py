@@ -22,6 +22,7 @@ from .errors import HardenError
 from .export import atomic_folder, file_hashes, save_pipeline, write_atomic
 from .prompts import prompts_sha256
 from .runner import hardened_unets, load_results, read_neurons, write_neurons
+from .targets import latent_size
 
 PACKAGES = ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "torchmetrics", "scikit-image")
 
@@ -192,9 +193,8 @@ def reload_check(folder: Path, layout: str, unet: torch.nn.Module, embeds: torch
     kwargs = {"trust_remote_code": True} if layout == "compact" else {}
     pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=param.dtype, use_safetensors=True, **kwargs)
     loaded = pipe.unet.to(param.device).eval()
-    size = unet.config.sample_size
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    x = torch.randn((len(embeds), unet.config.in_channels, *size), generator=torch.Generator().manual_seed(0))
+    x = torch.randn((len(embeds), unet.config.in_channels, *latent_size(unet)),
+                    generator=torch.Generator().manual_seed(0))
     x, ctx = x.to(param.device, param.dtype), embeds.to(param.device, param.dtype)
     expected = unet(x, timestep, encoder_hidden_states=ctx).sample
     got = loaded(x, timestep, encoder_hidden_states=ctx).sample

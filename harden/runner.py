@@ -319,16 +319,17 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
     started = time.perf_counter()
     with run.ui.stage(label, len(wanted)) as advance:
         advance(len(wanted) - len(todo))
-        done_here = [0]
+        done_here = 0
 
         def save(position: int, found: tuple[PromptResult, float]) -> None:
+            nonlocal done_here
             index, (result, seconds) = todo[position], found
             run.folder.write_json(f"localize/{sub}/{index:06d}.json",
                                   {"index": index, **result.to_json(), "seconds": seconds})
             run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
             advance(1)
-            done_here[0] += 1
-            if kill_after and done_here[0] >= kill_after:
+            done_here += 1
+            if kill_after and done_here >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         loc = run.recipe.localization

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from .errors import BadInputError
+from .nemo.batching import CPU_LATENT_PIXELS
 from .neurons import NeuronSet
 from .recipe import GATE_METRICS, Gate
+from .targets import latent_size
 
 
 @contextlib.contextmanager
@@ -32,17 +34,14 @@ def swapped_unet(pipe, unet):
         pipe.unet = base
 
 
-GENERATION_LATENT_PIXELS = 40960  # UNet samples x latent pixels per CPU pipeline call (as localization's forwards)
-
-
 def images_per_call(pipe, height: int | None, width: int | None) -> int:
     """Images per pipeline call: bigger calls cost less per image (the memorizer on 2 CPU cores: half at 40 images
-    as at 4). CPU from the latent size (with guidance a UNet batch holds 2 samples per image); CUDA 4x that."""
+    as at 4). CPU: UNet batches as big as localization's forwards (with guidance a batch holds 2 samples per image);
+    CUDA 4x that."""
     scale = getattr(pipe, "vae_scale_factor", 8)
-    size = pipe.unet.config.sample_size
-    side = size if isinstance(size, (list, tuple)) else (size, size)
+    side = latent_size(pipe.unet)
     latent = ((height // scale) if height else side[0]) * ((width // scale) if width else side[1])
-    per_call = max(1, GENERATION_LATENT_PIXELS // (2 * latent))
+    per_call = max(1, CPU_LATENT_PIXELS // (2 * latent))
     return per_call * 4 if pipe.device.type == "cuda" else per_call
 
 

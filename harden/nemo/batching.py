@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..targets import latent_size
+
 CPU_LATENT_PIXELS = 40960  # samples x latent pixels per CPU forward: 160 at 16x16 (the measured optimum), 10 at 64x64
 MAX_BATCH = 256  # never more samples per forward than this, whatever memory says
 MEMORY_FRACTION = 0.6  # of the free CUDA memory that activations may use
@@ -33,9 +35,8 @@ def auto_batch_size(scorer) -> int:
         return cached
     param = next(scorer.unet.parameters())
     if param.device.type != "cuda":
-        cfg = scorer.unet.config
-        side = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
-        size = max(1, min(MAX_BATCH, CPU_LATENT_PIXELS // (side[0] * side[1])))
+        height, width = latent_size(scorer.unet)
+        size = max(1, min(MAX_BATCH, CPU_LATENT_PIXELS // (height * width)))
     else:
         size = _cuda_batch_size(scorer, param.device)
     scorer._auto_batch_size = size

@@ -16,7 +16,7 @@ from torchmetrics.functional import multiscale_structural_similarity_index_measu
 
 from ..errors import BadInputError
 from ..hooks import channel_masks
-from ..targets import Target
+from ..targets import Target, latent_size
 
 Candidate = Mapping[str, Sequence[int]]  # {layer name: channel indices (a list; repeats allowed, as NeMo)}
 
@@ -114,8 +114,8 @@ class NoiseDiffScorer:
 
     def __post_init__(self):
         cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
-        self.latents = initial_latents(self.settings.n_seeds, (cfg.in_channels, *size), self.settings.seed)
+        self.latents = initial_latents(self.settings.n_seeds, (cfg.in_channels, *latent_size(self.unet)),
+                                       self.settings.seed)
         self.widths = {t.name: t.width for t in self.targets}
 
     def _autocast(self, device: torch.device):

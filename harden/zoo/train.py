@@ -198,6 +198,13 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
     facts = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "batch": batch,
              "memorized_per_batch": memorized_per_batch, "lr": lr, "lr_schedule": lr_schedule,
              "ema_decay": ema_decay, "device": device, "init": None if init is None else Path(init).name}
+
+    def snapshot(done_steps: int) -> dict:
+        """The facts of the weights after `done_steps`, with this stage appended to the earlier ones."""
+        facts.update(steps=done_steps, seconds=round(time.perf_counter() - started, 1))
+        facts["stages"] = [*stages, stage(facts)]
+        return facts
+
     tick = time.perf_counter()
     for step in range(1, steps + 1):
         for group in opt.param_groups:
@@ -226,13 +233,10 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
                 f"{(now - started) / 60:.1f} min")
             tick = now
         if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            facts.update(steps=step, seconds=round(time.perf_counter() - started, 1))
-            facts["stages"] = [*stages, stage(facts)]
-            save(out.parent / f"{out.name}-step{step}", tokenizer, ema_te, ema_unet, vae, ddim, memorized, facts)
+            save(out.parent / f"{out.name}-step{step}", tokenizer, ema_te, ema_unet, vae, ddim, memorized,
+                 snapshot(step))
             log(f"checkpoint after {step} steps written")
-    facts.update(steps=steps, seconds=round(time.perf_counter() - started, 1))
-    facts["stages"] = [*stages, stage(facts)]
-    save(out, tokenizer, ema_te, ema_unet, vae, ddim, memorized, facts)
+    save(out, tokenizer, ema_te, ema_unet, vae, ddim, memorized, snapshot(steps))
     log(f"wrote {out} after {facts['seconds'] / 60:.1f} min")
     return facts
 
