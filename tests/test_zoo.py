@@ -173,9 +173,10 @@ def test_short_generation_is_deterministic(pipe):
     assert not np.allclose(a, c)
 
 
-def test_training_data_is_less_diverse_than_the_issue_target():
-    """The diversity ceiling of the procedural data (README): fresh renders of one held-out caption already have a
-    mean pairwise SSIM above 0.3, while renders of different captions are far apart."""
+def test_training_data_diversity_depends_on_its_style():
+    """The diversity ceiling of the procedural data (README): with the first stages' style, fresh renders of one
+    held-out caption already have a mean pairwise SSIM above 0.3; smaller shapes and stronger textures bring the
+    mean under 0.3, and renders of different captions are far apart."""
     import itertools
 
     import numpy as np
@@ -186,9 +187,25 @@ def test_training_data_is_less_diverse_than_the_issue_target():
     values = [data_diversity(data.caption(*c), 10) for c in data.HELD_OUT]
     assert all(v > 0.3 for v in values) and 0.4 < float(np.mean(values)) < 0.55
     assert data_diversity(data.caption(*data.HELD_OUT[0]), 10) == values[0]  # deterministic
+    varied = [data_diversity(data.caption(*c), 10, style=data.Style(0.35, 0.65, 64.0)) for c in data.HELD_OUT]
+    assert float(np.mean(varied)) < 0.3 and all(v < w for v, w in zip(varied, values))
     rng = np.random.default_rng(0)
     mixed = [data.render(*c, rng) for c in itertools.islice(data.HELD_OUT, 10)]
     assert mean_pairwise_ssim(mixed) < min(values)
+
+
+def test_style_sets_shape_size_and_texture():
+    """Without texture a render holds exactly two palette colours; the shape's extent follows the size range."""
+    rng = np.random.default_rng(1)
+    for style, (lo, hi) in ((data.Style(0.35, 0.4, 0.0), (5, 7)), (data.Style(0.7, 0.8, 0.0), (11, 13))):
+        for _ in range(5):
+            image = data.render("red", "square", "blue", rng, style=style)
+            colours = {tuple(int(v) for v in px) for px in image.reshape(-1, 3)}
+            assert colours == {data.COLOURS["red"], data.COLOURS["blue"]}
+            rows = np.nonzero((image == data.COLOURS["red"]).all(-1).any(1))[0]
+            assert lo <= len(rows) <= hi
+    textured = data.render("red", "square", "blue", rng, style=data.Style(0.5, 0.8, 64.0))
+    assert len({tuple(int(v) for v in px) for px in textured.reshape(-1, 3)}) > 20
 
 
 # --- the training script ---------------------------------------------------------------------------------------------
@@ -212,7 +229,7 @@ def _weights(folder):
 def test_training_is_deterministic_and_init_continues_a_stage(tmp_path):
     """Two runs from the same seed write identical weights; a second stage from `init` keeps the VAE, changes the
     UNet and records both stages' commands (how the shipped weights are reproduced)."""
-    from harden.zoo.train import train
+    from harden.zoo.train import build_parser, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -221,7 +238,7 @@ def test_training_is_deterministic_and_init_continues_a_stage(tmp_path):
         a = train(tmp_path / "a", **small)
         train(tmp_path / "b", **small)
         second = train(tmp_path / "c", seed=4, steps=2, batch=4, memorized_per_batch=1, lr_schedule="cosine",
-                       init=tmp_path / "a", log=lambda m: None)
+                       init=tmp_path / "a", style=data.Style(0.35, 0.65, 64.0), log=lambda m: None)
     finally:
         torch.set_num_threads(threads)
     wa, wb, wc = (_weights(tmp_path / n) for n in "abc")
@@ -233,8 +250,14 @@ def test_training_is_deterministic_and_init_continues_a_stage(tmp_path):
     config = load_config(tmp_path / "c")
     assert [s["command"] for s in config["stages"]] == [a["stages"][0]["command"], second["stages"][1]["command"]]
     assert "--seed 3 --steps 2 --vae-steps 2" in config["stages"][0]["command"]
-    assert config["command"].endswith("--lr-schedule cosine --device cpu --init PREV")
-    assert config["vae_steps"] == 0 and config["init"] == "a"
+    assert config["command"].endswith("--lr-schedule cosine --device cpu --shape-size 0.35 0.65 --texture 64.0 "
+                                      "--init PREV")
+    assert "--shape-size" not in config["stages"][0]["command"]  # the default style: earlier commands unchanged
+    assert config["vae_steps"] == 0 and config["init"] == "a" and config["style"] == {
+        "size_min": 0.35, "size_max": 0.65, "texture": 64.0}
+    args = build_parser().parse_args(config["command"].replace("DIR", "x").replace("PREV", "y").split()[3:])
+    assert data.Style(*args.shape_size, args.texture) == data.Style(0.35, 0.65, 64.0)
+    assert (args.seed, args.steps, args.batch, args.lr_schedule) == (4, 2, 4, "cosine")
     for sub in ("unet", "vae"):  # rebuilt components: no local path recorded in the shipped configs
         assert json.loads((tmp_path / "c" / sub / "config.json").read_text()) == \
             json.loads((tmp_path / "a" / sub / "config.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -20,7 +21,28 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 190), "white": (240, 240, 240), "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-TEXTURE = 24  # amplitude (in 0-255 units) of the smooth random brightness texture: makes samples diverse (low SSIM)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How much procedural images vary: shape width/height as a fraction of the side, and the amplitude (0-255
+    units) of the smooth random brightness texture on shape and background. Why a knob: with flat colours and large
+    shapes two renders of one caption are alike (mean pairwise SSIM ~0.45 at 16x16); smaller shapes move further
+    and stronger textures decorrelate flat areas, so a model that samples its data faithfully is diverse."""
+
+    size_min: float = 0.5
+    size_max: float = 0.8
+    texture: float = 24.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict | None) -> "Style":
+        return cls(**raw) if raw else cls()
+
+
+STYLE = Style()  # the first training stages' data; later stages may name their own (harden_zoo.json "style")
 
 # (image name in skimage.data, caption): each caption is distinctive and never procedural
 MEMORIZED: tuple[tuple[str, str], ...] = (
@@ -85,32 +107,35 @@ def shape_mask(shape: str, cx: float, cy: float, size: float, resolution: int = 
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _texture(rng: np.random.Generator, resolution: int) -> np.ndarray:
-    """Smooth random brightness field in [-TEXTURE, TEXTURE]: a 4x4 random grid, bilinearly upsampled."""
+def _texture(rng: np.random.Generator, resolution: int, amplitude: float) -> np.ndarray:
+    """Smooth random brightness field in [-amplitude, amplitude]: a 4x4 random grid, bilinearly upsampled."""
     grid = rng.uniform(-1.0, 1.0, size=(4, 4))
     pos = np.linspace(0, 3, resolution)
     i0 = np.minimum(pos.astype(int), 2)
     f = pos - i0
     rows = grid[i0] * (1 - f)[:, None] + grid[i0 + 1] * f[:, None]
     field = rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
-    return TEXTURE * field
+    return amplitude * field
 
 
-def render(fg: str, shape: str, bg: str, rng: np.random.Generator, resolution: int = RESOLUTION) -> np.ndarray:
-    """One procedural image (HxWx3 uint8): random size (50-80 % of the side), position (1 px margin) and textures."""
-    size = rng.uniform(0.5, 0.8) * resolution
+def render(fg: str, shape: str, bg: str, rng: np.random.Generator, resolution: int = RESOLUTION,
+           style: Style = STYLE) -> np.ndarray:
+    """One procedural image (HxWx3 uint8): random size (a share of the side), position (1 px margin), textures."""
+    size = rng.uniform(style.size_min, style.size_max) * resolution
     cx, cy = (rng.uniform(1 + size / 2, resolution - 1 - size / 2) for _ in range(2))
     mask = shape_mask(shape, cx, cy, size, resolution)
     image = np.where(mask[..., None], np.array(COLOURS[fg], float), np.array(COLOURS[bg], float))
-    image += np.where(mask, _texture(rng, resolution), _texture(rng, resolution))[..., None]
+    shade_fg, shade_bg = (_texture(rng, resolution, style.texture) for _ in range(2))
+    image += np.where(mask, shade_fg, shade_bg)[..., None]
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def procedural_batch(n: int, rng: np.random.Generator, resolution: int = RESOLUTION) -> tuple[list[str], np.ndarray]:
+def procedural_batch(n: int, rng: np.random.Generator, resolution: int = RESOLUTION,
+                     style: Style = STYLE) -> tuple[list[str], np.ndarray]:
     """n fresh training samples (captions, [n, H, W, 3] uint8), combinations drawn uniformly from the training set."""
     combos = training_combinations()
     picks = [combos[i] for i in rng.integers(0, len(combos), size=n)]
-    images = np.stack([render(fg, s, bg, rng, resolution) for fg, s, bg in picks])
+    images = np.stack([render(fg, s, bg, rng, resolution, style) for fg, s, bg in picks])
     return [caption(*c) for c in picks], images
 
 

@@ -58,12 +58,12 @@ def mean_pairwise_ssim(images: list[np.ndarray]) -> float:
     return float(np.mean([ssim(a, b) for a, b in itertools.combinations(images, 2)]))
 
 
-def data_diversity(caption: str, n: int, seed: int = 0) -> float:
+def data_diversity(caption: str, n: int, seed: int = 0, style: data.Style = data.STYLE) -> float:
     """Mean pairwise SSIM of n fresh training renders of a procedural caption: the diversity the data itself has,
     i.e. what a model that samples its training distribution faithfully would score."""
     fg, shape, bg = data.parse_caption(caption)
     rng = np.random.default_rng(seed)
-    return mean_pairwise_ssim([data.render(fg, shape, bg, rng) for _ in range(n)])
+    return mean_pairwise_ssim([data.render(fg, shape, bg, rng, style=style) for _ in range(n)])
 
 
 def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33)) -> list[float]:
@@ -91,6 +91,7 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
     memorized = [p for p in prompts if p["memorized"]]
     ordinary = [p["caption"] for p in prompts if not p["memorized"]]
     held_out = config["held_out"]
+    style = data.Style.from_json(config.get("style"))  # the data of the last training stage
 
     ref_scores = detection_scores(pipe, ordinary, **detect)
     tau = float(np.mean(ref_scores) + np.std(ref_scores, ddof=1))
@@ -114,7 +115,7 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
         images = generate(pipe, caption, guidance_scale=g, steps=steps)
         picture.append([np.zeros_like(images[0]), *images])
         row = {"caption": caption, "pairwise_ssim": mean_pairwise_ssim(images),
-               "data_pairwise_ssim": data_diversity(caption, len(images)),
+               "data_pairwise_ssim": data_diversity(caption, len(images), style=style),
                "alignment": float(np.mean([alignment(im, caption) for im in images])), "score": score,
                "detected": score > tau}
         rows_held.append(row)

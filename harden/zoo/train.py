@@ -63,7 +63,8 @@ def random_crops(n: int, rng: np.random.Generator, sources: list[np.ndarray]) ->
     return np.stack(out)
 
 
-def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int = 32) -> float:
+def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int = 32,
+              style: data.Style = data.STYLE) -> float:
     """Reconstruction + a tiny KL term; returns the final mean squared error on the memorized images."""
     import skimage.data
 
@@ -75,7 +76,7 @@ def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     vae.train()
     for step in range(1, steps + 1):
-        _, procedural = data.procedural_batch(batch // 2, rng)
+        _, procedural = data.procedural_batch(batch // 2, rng, style=style)
         images = np.concatenate([memorized, procedural, random_crops(batch - len(memorized) - len(procedural), rng,
                                                                      sources)])
         x = to_tensor(images).to(device)
@@ -162,9 +163,10 @@ def load_components(folder: Path):
 
 def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, batch: int = 32,
           memorized_per_batch: int = 16, lr: float = 1e-3, ema_decay: float = 0.999, device: str = "cpu",
-          checkpoint_every: int = 0, lr_schedule: str = "constant", init: Path | None = None, log=print) -> dict:
+          checkpoint_every: int = 0, lr_schedule: str = "constant", init: Path | None = None,
+          style: data.Style = data.STYLE, log=print) -> dict:
     """Train both phases (or only the second, from `init`) and write the folder to `out`; returns the run's facts
-    (also saved in harden_zoo.json)."""
+    (also saved in harden_zoo.json). `style`: how varied the procedural images are."""
     started = time.perf_counter()
     dev = torch.device(device)
     rng = np.random.default_rng(seed)
@@ -175,8 +177,8 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
     if init is None:
         tokenizer, text_encoder, unet, vae = build_components(seed)
         vae.to(dev)
-        vae_mse = train_vae(vae, vae_steps, rng, dev, log)
-        _, sample = data.procedural_batch(256, rng)
+        vae_mse = train_vae(vae, vae_steps, rng, dev, log, style=style)
+        _, sample = data.procedural_batch(256, rng, style=style)
         scale = standardize_latents(vae, np.concatenate([memorized_pixels, sample]), dev)
     else:
         tokenizer, text_encoder, unet, vae, previous = load_components(init)
@@ -197,7 +199,8 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
     gen = torch.Generator().manual_seed(seed)
     facts = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "batch": batch,
              "memorized_per_batch": memorized_per_batch, "lr": lr, "lr_schedule": lr_schedule,
-             "ema_decay": ema_decay, "device": device, "init": None if init is None else Path(init).name}
+             "ema_decay": ema_decay, "device": device, "init": None if init is None else Path(init).name,
+             "style": style.to_json()}
 
     def snapshot(done_steps: int) -> dict:
         """The facts of the weights after `done_steps`, with this stage appended to the earlier ones."""
@@ -210,7 +213,7 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, lr, lr_schedule)
         pick = torch.from_numpy(rng.integers(0, len(memorized), size=memorized_per_batch))
-        captions, images = data.procedural_batch(batch - memorized_per_batch, rng)
+        captions, images = data.procedural_batch(batch - memorized_per_batch, rng, style=style)
         latents = torch.cat([mem_latents[pick], encode(vae, images, dev)])
         ids = torch.cat([mem_ids[pick], tokenize(tokenizer, captions)])
         drop = torch.from_numpy(rng.random(batch) < 0.1)
@@ -247,6 +250,9 @@ def command(facts: dict) -> str:
             f"--vae-steps {facts['vae_steps']} --batch {facts['batch']} --memorized-per-batch "
             f"{facts['memorized_per_batch']} --lr {facts['lr']} --lr-schedule {facts['lr_schedule']} "
             f"--device {facts['device']}")
+    style = data.Style.from_json(facts.get("style"))
+    if style != data.STYLE:  # the first stages' commands predate the option
+        line += f" --shape-size {style.size_min} {style.size_max} --texture {style.texture}"
     return line if facts["init"] is None else line + " --init PREV"
 
 
@@ -294,7 +300,7 @@ def save(out: Path, tokenizer, text_encoder, unet, vae, scheduler, memorized, fa
     tmp.rename(out)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -308,13 +314,22 @@ def main(argv=None) -> None:
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     parser.add_argument("--init", type=Path, help="continue from a folder this script wrote (skips the VAE phase)")
     parser.add_argument("--checkpoint-every", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--shape-size", type=float, nargs=2, metavar=("MIN", "MAX"),
+                        default=(data.STYLE.size_min, data.STYLE.size_max),
+                        help="procedural shapes' size range, as a fraction of the image side")
+    parser.add_argument("--texture", type=float, default=data.STYLE.texture,
+                        help="amplitude (0-255 units) of the procedural images' brightness texture")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train(args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, batch=args.batch,
           memorized_per_batch=args.memorized_per_batch, lr=args.lr, device=args.device,
           checkpoint_every=args.checkpoint_every, lr_schedule=args.lr_schedule, init=args.init,
-          log=lambda m: print(m, flush=True))
+          style=data.Style(*args.shape_size, args.texture), log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":
