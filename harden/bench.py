@@ -25,7 +25,7 @@ from .nemo.reference import reference_localize_prompt
 from .nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
                          max_pairwise_scores)
 from .nemo.stats import NeuronStats, compute_stats, encode_prompts, iter_embeddings, value_activations
-from .targets import resolve_targets
+from .targets import latent_size as native_latent_size, resolve_targets
 
 MEMORIZER = Path(__file__).parent / "zoo" / "memorizer"
 MODES = ("reference", "exact", "fast")
@@ -80,9 +80,7 @@ def _pipeline_workload(name: str, pipe, memorized: list[str], references: list[s
     unet = pipe.unet.to(device).eval()
     pipe.text_encoder.to(device)
     targets = resolve_targets(unet)
-    size = unet.config.sample_size
-    settings = settings or ScoreSettings(n_seeds=seeds,
-                                         kernel_size=kernel_for(size if isinstance(size, int) else min(size)))
+    settings = settings or ScoreSettings(n_seeds=seeds, kernel_size=kernel_for(min(native_latent_size(unet))))
     timestep = detection_timestep(pipe.scheduler.config, settings)
     stats = _timed(seconds, "calibration", lambda: compute_stats(
         iter_embeddings(pipe.tokenizer, pipe.text_encoder, references, 64), targets))

@@ -14,14 +14,14 @@ from torch import nn
 
 from .errors import TargetError
 
+SELECT_NEMO = "nemo"  # down blocks + mid block: the 7 layers of SD v1.x, NeMo's search space
+SELECT_ALL = "all"  # every cross-attention layer (adds the up path)
+
+
 def latent_size(unet) -> tuple[int, int]:
     """(height, width) of the UNet's native latents; `sample_size` may be one int or a pair."""
     size = unet.config.sample_size
     return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-
-
-SELECT_NEMO = "nemo"  # down blocks + mid block: the 7 layers of SD v1.x, NeMo's search space
-SELECT_ALL = "all"  # every cross-attention layer (adds the up path)
 
 
 @dataclass(frozen=True)
