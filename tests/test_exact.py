@@ -32,7 +32,7 @@ def _problem(seed):
 def _exact(score_lists, acts, stats, settings, speculate, block):
     calls = []
 
-    def score(cands, reject=None, near=None):
+    def score(cands, reject=None, near=None, guess=None):
         calls.append(len(cands))
         return [score_lists([c.get(n, []) for n in NAMES]) for c in cands]
 
@@ -80,7 +80,7 @@ def test_speculation_decides_like_the_sequential_loop_and_builds_on_predicted_st
                 s = cand
         return s
 
-    def score_by_index(cands, reject=None, near=None):
+    def score_by_index(cands, reject=None, near=None, guess=None):
         seen.append(len(cands))
         out = []
         for c in cands:
@@ -119,7 +119,11 @@ def test_exact_equals_reference_on_a_unet_with_fewer_forwards(micro, variant):
     ref = reference_localize_prompt(scorer(), embed, acts, stats, loc, "p")
     assert ref.memorized and len(ref.kept_seeds) == 4 and len(ref.refined) > 0
     assert 0 < len(ref.refined) < sum(len(set(v)) for v in ref.initial.values())  # some removed, some kept
-    for kwargs in ({}, dict(speculate=4, refine_block=4, batch_size=64)):
+    samples = {}
+    # speculative blocks, also with early rejection: every candidate of a block is probed with one seed, and the
+    # block stops at its first outcome against the guess
+    for name, kwargs in (("sequential", {}), ("batched", dict(speculate=4, refine_block=4, batch_size=64)),
+                         ("probed", dict(speculate=4, refine_block=4, batch_size=64, early_reject=True))):
         got = localize_prompt(scorer(), embed, acts, stats, loc, "p", **kwargs)
         assert got.initial == ref.initial and got.refined == ref.refined
         assert got.iterations == ref.iterations
@@ -129,6 +133,8 @@ def test_exact_equals_reference_on_a_unet_with_fewer_forwards(micro, variant):
         assert got.refined_score == pytest.approx(ref.refined_score, abs=tol)
         assert got.initial_score == pytest.approx(ref.initial_score, abs=tol)
         assert got.unet_forwards < ref.unet_forwards and got.sample_forwards < ref.sample_forwards
+        samples[name] = got.sample_forwards
+    assert samples["probed"] < samples["batched"]
     # the official budget: 2 forwards of all seeds per call, +1 batch-1 forward per initial iteration
     n_init = sum(len(v) > 0 for v in ref.initial.values())
     assert ref.unet_forwards >= 2 * (1 + ref.iterations + 2 + 1) + ref.iterations + 2 * n_init
@@ -178,11 +184,12 @@ def test_early_rejection_keeps_every_decision_and_scores_fewer_seeds():
         for early in (False, True):
             seeds_scored = [0]
 
-            def score(cands, reject=None, near=None):
+            def score(cands, reject=None, near=None, guess=None, seeds=None):
                 out = []
                 for c in cands:
                     s = score_lists([c.get(n, []) for n in NAMES])
-                    if early and reject is not None and len(cands) == 1:
+                    s = s if seeds is None else s[list(seeds)]
+                    if early and reject is not None:
                         first = s[:1]  # seed 0 alone: a partial answer
                         seeds_scored[0] += 1
                         if reject(first):

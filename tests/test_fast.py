@@ -24,11 +24,16 @@ def _problem(seed, n_important=4):
     lists_score, _ = synthetic_scorer(WIDTHS, seed, n_important=n_important)
     calls = []
 
-    def score(cands, reject=None, near=None):
+    def score(cands, reject=None, near=None, guess=None, seeds=None):
         calls.append(len(cands))
-        return [lists_score([c.get(n, []) for n in NAMES]) for c in cands]
+        return [_on(lists_score([c.get(n, []) for n in NAMES]), seeds) for c in cands]
 
     return score, acts, stats, calls
+
+
+def _on(per_seed, seeds):
+    """A scorer's answer on a subset of the kept seeds (fast mode's screening seeds)."""
+    return per_seed if seeds is None else per_seed[list(seeds)]
 
 
 def _check_minimal(score, final, tau):
@@ -125,18 +130,20 @@ def test_single_necessary_neuron_costs_a_few_tests():
     truth = ("b", 7)
     calls = []
 
-    def score(cands, reject=None, near=None):
+    def score(cands, reject=None, near=None, guess=None, seeds=None):
         calls.extend(cands)
         return [torch.tensor([0.1 if truth[1] in c.get(truth[0], []) else 0.9]) for c in cands]
 
     initial = {"a": list(range(20)), "b": list(range(12)) + [7]}
     final, s = group_refine(score, initial, 0.5, ["a", "b"], 0.1, LocalizeSettings())
     assert final == {"a": [], "b": [7]} and s == pytest.approx(0.1)
-    assert len(calls) <= 10  # exact mode's sequential refinement needs 2 + 12 here, one per neuron in "b"
+    # exact mode's sequential refinement needs 2 + 12 here, one per neuron in "b"; fast mode 10, plus the initial
+    # set once (its per-seed scores pick the screening seeds)
+    assert len(calls) <= 11
 
 
 def test_rel_threshold_and_nothing_removable():
-    def score(cands, reject=None, near=None):  # every neuron matters equally: nothing can go
+    def score(cands, reject=None, near=None, guess=None, seeds=None):  # every neuron matters: nothing can go
         return [torch.tensor([0.1 + 0.1 * (4 - sum(len(v) for v in c.values()))]) for c in cands]
 
     initial = {"a": [0, 1], "b": [2, 3]}
@@ -161,3 +168,49 @@ def test_compare_modes_reports_the_numbers():
     assert out["fast"]["union"] == 8 and out["exact"]["union"] == 6 and out["neurons_median_ratio"] == 1.0
     with pytest.raises(ValueError):
         compare_modes(exact, fast[:2])
+
+
+def test_screening_seeds_grow_until_the_result_passes_on_every_seed():
+    """The search runs on the seeds closest to failing; a result that fails on another seed brings that seed into
+    the screen, and the final set passes on all seeds and is 1-minimal on all of them."""
+    from harden.nemo.fast import SCREEN_SHARE
+
+    base = torch.tensor([0.40, 0.30, 0.10, 0.05, 0.05])  # with the initial set blocked: seed 0 is the screen
+    assert round(SCREEN_SHARE * len(base)) == 2
+
+    def per_seed(c):  # "x" only matters for seed 2 (not screened at first), "y" for seeds 0 and 1, "z" for none
+        blocked = set(c.get("a", []))
+        s = base.clone()
+        s[2] += 0.0 if "x" in blocked else 0.6
+        s[:2] += 0.0 if "y" in blocked else 0.3
+        return s
+
+    calls = []
+
+    def score(cands, reject=None, near=None, guess=None, seeds=None):
+        calls.append((len(cands), None if seeds is None else tuple(seeds)))
+        return [_on(per_seed(c), seeds) for c in cands]
+
+    initial = {"a": ["x", "y", "z"]}
+    final, s = group_refine(score, initial, 0.5, ["a"], 0.4, LocalizeSettings(), block=4)
+    assert final == {"a": ["x", "y"]} and s == pytest.approx(0.4)
+    _check_minimal(lambda cands: [per_seed(c) for c in cands], final, 0.5)
+    screens = [seeds for _, seeds in calls if seeds is not None]
+    assert screens[0] == (0, 1) and screens[-1] == (0, 1, 2)  # seed 2 joined after the first result failed on it
+
+
+def test_fast_mode_batches_its_tests_on_any_device_and_whatever_the_pooling():
+    """Exact mode speculates only on CUDA; fast mode's rounds are tests that run anyway: FAST_BLOCK per call on a CPU
+    too, independent of how many prompts share the forwards (so a prompt's result does not depend on them)."""
+    from types import SimpleNamespace
+
+    from harden.nemo.batching import FAST_BLOCK, Batching, resolve_batching
+
+    cpu = SimpleNamespace(unet=torch.nn.Linear(1, 1), _auto_batch_size=160)
+    assert resolve_batching(cpu, 10, sharing=8) == Batching(160, 1, 1)
+    assert resolve_batching(cpu, 10, sharing=8, early_reject=True) == Batching(160, 1, 1)
+    assert resolve_batching(cpu, 10, sharing=8, independent=True) == Batching(160, 1, FAST_BLOCK)
+    assert resolve_batching(cpu, 10, sharing=1, independent=True) == Batching(160, 1, FAST_BLOCK)
+    # with early rejection fast mode's initial selection is exact mode's sweep, probed with one seed per step
+    assert resolve_batching(cpu, 10, sharing=8, independent=True, early_reject=True) == Batching(160, 20, FAST_BLOCK)
+    assert resolve_batching(cpu, 10, 64, 3, 5, sharing=8, independent=True) == Batching(64, 3, 5)

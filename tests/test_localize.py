@@ -24,7 +24,7 @@ def _acts_and_stats(seed):
 
 
 def _harden(score_lists, acts, stats, settings, speculate=1):
-    def score(cands, reject=None, near=None):
+    def score(cands, reject=None, near=None, guess=None):
         return [score_lists([c.get(n, []) for n in NAMES]) for c in cands]
 
     act_map = dict(zip(NAMES, acts))
@@ -82,22 +82,22 @@ def test_ood_candidates_order_and_repeats():
 def test_refinement_finds_known_neurons_and_is_strict():
     truth = {("a", 2), ("b", 7)}
 
-    def score(cands, reject=None, near=None):  # memorization stays removed only while both true neurons are blocked
+    def score(cands, reject=None, near=None, guess=None):  # memorization stays removed only while both are blocked
         return [torch.tensor([0.1 if all(n in c.get(layer, []) for layer, n in truth) else 0.9]) for c in cands]
 
     initial = {"a": [0, 2, 5], "b": [7, 1]}
     final, s = refine(score, initial, 0.5, ["a", "b"], 0.1, LocalizeSettings())
     assert NeuronSet(final) == NeuronSet({"a": (2,), "b": (7,)}) and s == pytest.approx(0.1)
     # strict '<': a score equal to tau does not count as mitigated, so nothing is removed
-    final, _ = refine(lambda c, reject=None, near=None: [torch.tensor([0.5])] * len(c), initial, 0.5, ["a", "b"], 0.5,
-                      LocalizeSettings())
+    final, _ = refine(lambda c, reject=None, near=None, guess=None: [torch.tensor([0.5])] * len(c), initial, 0.5,
+                      ["a", "b"], 0.5, LocalizeSettings())
     assert final == initial
 
 
 def test_repeated_neuron_is_tested_on_its_second_occurrence():
     calls = []
 
-    def score(cands, reject=None, near=None):
+    def score(cands, reject=None, near=None, guess=None):
         calls.extend(cands)
         return [torch.tensor([0.1 if 3 in c.get("l", []) else 0.9]) for c in cands]
 

@@ -19,6 +19,7 @@ from ..targets import latent_size
 CPU_LATENT_PIXELS = 40960  # samples x latent pixels per CPU forward: 160 at 16x16 (the measured optimum), 10 at 64x64
 MAX_BATCH = 256  # never more samples per forward than this, whatever memory says
 MEMORY_FRACTION = 0.6  # of the free CUDA memory that activations may use
+FAST_BLOCK = 32  # fast mode's tests per scorer call: a group-testing round of the memorizer holds up to ~36
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,23 @@ def _cuda_batch_size(scorer, device: torch.device) -> int:
 
 
 def resolve_batching(scorer, kept: int, batch_size: int | None = None, speculate: int | None = None,
-                     refine_block: int | None = None, sharing: int = 1) -> Batching:
-    """Fill in what the caller (recipe) left open. CPU: sequential; CUDA: as many candidates as the `sharing`
-    prompts that run in the same forwards leave room for."""
+                     refine_block: int | None = None, sharing: int = 1, independent: bool = False,
+                     early_reject: bool = False) -> Batching:
+    """Fill in what the caller (recipe) left open: how many candidates of one prompt go into a scorer call.
+
+    Exact mode: sequential on CPU (a wasted speculative sample costs nearly a full one there); on CUDA, as many
+    candidates as the `sharing` prompts in the same forwards leave room for. Fast mode (`independent`): a
+    group-testing round or a single-drop sweep is a set of tests that run anyway, so up to `FAST_BLOCK` go into
+    one call on either device, whatever the pooling, so that a prompt's result does not depend on its neighbours;
+    with `early_reject` its initial selection is exact mode's sweep, whose wrong guesses cost probes only (one seed
+    each), so it fills the forward with probes.
+    """
     size = batch_size or auto_batch_size(scorer)
     on_cuda = next(scorer.unet.parameters()).device.type == "cuda"
     per_forward = max(1, size // (max(1, kept) * max(1, sharing))) if on_cuda else 1
+    if independent:
+        probes = max(1, size // max(1, sharing)) if early_reject else per_forward
+        return Batching(size, speculate or probes, refine_block or FAST_BLOCK)
     return Batching(size, speculate or per_forward, refine_block or per_forward)
 
 

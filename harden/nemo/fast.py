@@ -1,14 +1,17 @@
-"""Fast localization mode: bisection over the initial-selection schedule and adaptive group testing, instead of
-NeMo's one-step-at-a-time search.
+"""Fast localization mode: a bisected (or probed) initial selection and adaptive group testing, instead of NeMo's
+one-step-at-a-time search.
 
 Why: the schedule's candidate sets grow with every step (theta falls, k rises), so the first passing step can be
-found by galloping and bisection, and a prompt that fails even the last (widest) step is known after 5 tests instead
-of 16. The official refinement spends one scorer call per neuron of the initial set, although most of them are not
-needed (VM: median 26.5 initial -> 4 final neurons). Removing whole groups and splitting only the groups that turn
-out to be needed costs about d·log2(N/d) tests for d needed neurons among N, and the groups of one round are
-independent, so they share UNet batches. A final single-drop pass makes the result 1-minimal: removing any one of
-its neurons brings the score back to the threshold or above. The result may differ from exact mode's (greedy order
-matters) but ends below the same threshold.
+found by galloping and bisection (or, with early rejection, by probing every step with one seed), and a prompt that
+fails even the last (widest) step is known after 5 tests instead of 16. The official refinement spends one scorer
+call per neuron of the initial set, although most of them are not needed (VM: median 26.5 initial -> 4 final
+neurons). Removing whole groups and splitting only the groups that turn out to be needed costs about d·log2(N/d)
+tests for d needed neurons among N, and the groups of one round are independent, so they share UNet batches on any
+device. Tests run on a few screening seeds, the ones closest to failing; only the result is checked on all kept
+seeds. A final single-drop pass makes the result 1-minimal: removing any one of its neurons brings the score to the
+threshold or above (within `TIE_BAND`: fast mode counts a score that close to the threshold as failing, so its
+result passes in any batch layout). The result may differ from exact mode's (greedy order matters) but ends below
+the same threshold.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from typing import Sequence
 import torch
 
 from ..neurons import NeuronSet
-from .localize import (Lists, LocalizeSettings, PromptResult, ScoreFn, localize_with, ood_candidates,
-                       rejects_above, schedule)
+from .localize import (TIE_BAND, Lists, LocalizeSettings, PromptResult, ScoreFn, initial_selection,
+                       localize_with, ood_candidates, rejects_above, schedule)
 from .stats import NeuronStats
 
 Entry = tuple[str, int]  # (layer, channel)
+SCREEN_SHARE = 0.4  # of the kept seeds screen the search's tests (at least 1); all of them check its result
 
 
 def _lists(entries: Sequence[Entry], layer_order: Sequence[str]) -> Lists:
@@ -79,27 +83,84 @@ def bisect_initial(score: ScoreFn, acts: dict[str, torch.Tensor], stats: NeuronS
 
 def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequence[str], initial_score: float,
                  settings: LocalizeSettings, block: int = 1) -> tuple[Lists, float]:
-    """Group removal: first whole layers (reverse order), then parts of the groups that could not be removed.
+    """Group testing on a few screening seeds, then one check of the result on all kept seeds.
+
+    Why: a test that removes neurons must show that every kept seed stays below the threshold, so each passing
+    test costs all kept seeds, and passing tests are most of the cost. A set that fails on the screening seeds
+    fails on all of them (the score is a max over seeds), so single drops that fail on the screening seeds still
+    prove 1-minimality; only the final set needs all seeds to prove it passes. The screening seeds are those whose
+    score with the initial set blocked is highest (closest to failing). If the result fails on another seed, that
+    seed joins the screen and the search resumes from its last set that passes on the grown screen (at most once
+    per kept seed).
+    Returns (lists, score of the final set on all kept seeds).
+    """
+    start = score([initial])[0]  # per kept seed: which seeds are closest to failing
+    kept = len(start)
+    baseline = start if settings.rel_threshold is not None else None
+
+    def passes(per_seed: torch.Tensor, seeds: Sequence[int]) -> bool:  # with a margin: true in any batch layout
+        if baseline is None:
+            return float(per_seed.max()) < tau - TIE_BAND
+        ref = baseline[list(seeds)]
+        return float(((per_seed - ref) / (ref.abs() + 1e-9)).abs().max()) < settings.rel_threshold - TIE_BAND
+
+    screen = sorted(torch.argsort(start, descending=True)[:max(1, round(SCREEN_SHARE * kept))].tolist())
+    base, base_score = initial, float(start[screen].max())
+    while True:
+        found, found_score, history = _group_search(score, base, base_score, tau, layer_order, block, screen, passes,
+                                                    baseline is None)
+        if len(screen) == kept:
+            return found, found_score
+        check = score([found])[0]
+        if passes(check, range(kept)):
+            return found, float(check.max())
+        if baseline is None:
+            failing = torch.nonzero(check >= tau - TIE_BAND).flatten().tolist()
+        else:
+            failing = torch.nonzero((check - baseline).abs() / (baseline.abs() + 1e-9)
+                                    >= settings.rel_threshold - TIE_BAND)
+            failing = failing.flatten().tolist()
+        new = set(failing) - set(screen)  # none: the screen's own seeds, a float-noise tie between layouts
+        screen = sorted(set(screen) | new) if new else list(range(kept))
+        # resume from the most reduced set of this search that passes on the grown screen (the search's start
+        # passes on every seed), probing the sets from the last one back
+        steps = list(reversed(history))
+        results = score(steps, reject=rejects_above(tau, strict=False) if baseline is None else None, guess=False,
+                        seeds=screen) if steps else []
+        resumed = next(((c, r) for c, r in zip(steps, results) if passes(r, screen)), None)
+        if resumed is not None:
+            base, base_score = resumed[0], float(resumed[1].max())
+        else:
+            base_score = float(score([base], seeds=screen)[0].max())
+
+
+def _group_search(score: ScoreFn, initial: Lists, initial_score: float, tau: float,
+                  layer_order: Sequence[str], block: int, seeds: Sequence[int], passes,
+                  absolute: bool) -> tuple[Lists, float, list[Lists]]:
+    """Group removal on the `seeds` (positions in kept): first whole layers (reverse order), then parts of the
+    groups that could not be removed; then single-drop sweeps until the set is 1-minimal on those seeds.
 
     Parts are halves while few neurons turn out to be needed and shrink to single neurons as the estimated share of
     needed neurons grows (Hwang's generalized binary splitting), so a dense set costs about what exact mode costs.
-
     Per round, up to `block` groups are tested against the current set in one scorer call. When several pass,
     their union is tried once; if it fails, only the first is removed and the others are tested again. Groups of
-    one that fail are remembered with the version of the set they failed against, so the final single-drop pass
-    only re-tests neurons whose test is out of date. Returns (lists, score of the final set).
+    one that fail are remembered with the version of the set they failed against, so a sweep only re-tests
+    neurons whose test is out of date. Returns (lists, max score of the final set on `seeds`, the set after each
+    removal in order).
     """
-    baseline = score([initial])[0] if settings.rel_threshold is not None else None
-    reject = rejects_above(tau, strict=False) if baseline is None else None
+    seeds = list(seeds)
+    reject = rejects_above(tau, strict=False) if absolute else None
 
-    def passes(per_seed: torch.Tensor) -> bool:
-        if baseline is None:
-            return float(per_seed.max()) < tau
-        return float(((per_seed - baseline) / (baseline.abs() + 1e-9)).abs().max()) < settings.rel_threshold
+    def run(cands: Sequence[Lists], guess: bool | None = None) -> list[torch.Tensor]:
+        return score(cands, reject=reject, guess=guess, seeds=seeds)
+
+    def ok(per_seed: torch.Tensor) -> bool:
+        return passes(per_seed, seeds)
 
     order = list(reversed(list(layer_order)))
     current: list[Entry] = list(dict.fromkeys((layer, n) for layer in order for n in initial.get(layer, [])))
     current_score, version = initial_score, 0
+    history: list[Lists] = []  # the set after each accepted removal
     failed_at: dict[Entry, int] = {}  # single neuron -> version of `current` its removal failed against
 
     def without(group: Sequence[Entry]) -> Lists:
@@ -112,10 +173,10 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
     necessary, resolved = 1, 8  # prior: about 1 in 8 neurons is needed (VM: median 26.5 initial, 4 final)
     while pending:
         batch, pending = pending[:size], pending[size:]
-        results = score([without(g) for g in batch], reject=reject)
-        passing = [(g, r) for g, r in zip(batch, results) if passes(r)]
+        results = run([without(g) for g in batch])
+        passing = [(g, r) for g, r in zip(batch, results) if ok(r)]
         for g, r in zip(batch, results):
-            if passes(r):
+            if ok(r):
                 continue
             if len(g) == 1:
                 failed_at[g[0]] = version
@@ -123,19 +184,21 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
             else:
                 part = max(1, min((len(g) + 1) // 2, int(resolved / necessary) - 1))
                 pending += [g[i:i + part] for i in range(0, len(g), part)]
-        if len(passing) > 1:
-            union = [e for g, _ in passing for e in g]
-            r = score([without(union)], reject=reject)[0]
-            if passes(r):
-                passing = [(union, r)]
-            else:
-                pending = [g for g, _ in passing[1:]] + pending
+        if len(passing) > 1:  # the longest prefix of the passing groups that can go together
+            unions = [[e for g, _ in passing[:k] for e in g] for k in range(2, len(passing) + 1)]
+            took = 1
+            for k, r in enumerate(run([without(u) for u in unions], guess=True), start=2):
+                if not ok(r):
+                    break
+                took, passing[0] = k, (unions[k - 2], r)
+            pending = [g for g, _ in passing[took:]] + pending
         if passing:
             group, r = passing[0]
             resolved += len(group)
             drop = set(group)
             current = [e for e in current if e not in drop]
             current_score, version = float(r.max()), version + 1
+            history.append(_lists(current, layer_order))
 
     while True:  # single-drop sweeps until one removes nothing: then every single drop failed against the final set
         stale = [e for e in current if failed_at.get(e) != version]
@@ -144,13 +207,14 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
         for start in range(0, len(stale), size):
             chunk = [e for e in stale[start:start + size] if e in current]
             base_version = version
-            for e, r in zip(chunk, score([without([e]) for e in chunk], reject=reject)):
-                if not passes(r):
+            for e, r in zip(chunk, run([without([e]) for e in chunk])):
+                if not ok(r):
                     failed_at[e] = base_version
                 elif version == base_version:  # the first pass of a chunk; later ones were tested on a stale set
                     current = [x for x in current if x != e]
                     current_score, version = float(r.max()), version + 1
-    return _lists(current, layer_order), current_score
+                    history.append(_lists(current, layer_order))
+    return _lists(current, layer_order), current_score, history
 
 
 def localize_prompt_fast(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
@@ -158,13 +222,16 @@ def localize_prompt_fast(scorer, embed: torch.Tensor, acts: dict[str, torch.Tens
                          speculate: int | None = None, *, refine_block: int | None = None,
                          batch_size: int | None = None, unblocked: torch.Tensor | None = None,
                          early_reject: bool = False) -> PromptResult:
-    """`localize_prompt` with a bisected initial selection and group-testing refinement (`localization.mode: fast`).
+    """`localize_prompt` with a fast initial selection and group-testing refinement (`localization.mode: fast`).
 
-    The seed filter is exact mode's. Same keyword arguments.
+    The seed filter is exact mode's; with `early_reject` so is the initial selection (its steps probed with one
+    seed each, so the sweep costs about one sample per failing step), without it the schedule is bisected. Same
+    keyword arguments.
     """
     return localize_with(group_refine, scorer, embed, acts, stats, settings, prompt, speculate,
                          refine_block=refine_block, batch_size=batch_size, unblocked=unblocked,
-                         initial_fn=bisect_initial, early_reject=early_reject)
+                         initial_fn=initial_selection if early_reject else bisect_initial,
+                         early_reject=early_reject, independent=True)
 
 
 def compare_modes(exact: Sequence[PromptResult], fast: Sequence[PromptResult]) -> dict:

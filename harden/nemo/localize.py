@@ -19,10 +19,13 @@ from .score import ms_ssim
 from .stats import NeuronStats
 
 Lists = dict[str, list[int]]  # per layer, a list of channels (repeats allowed, as the official code builds them)
-# candidates (, reject=None, near=None) -> per-kept-seed scores for each. For a single candidate the scorer may
-# honour `reject` and return a partial score as soon as it proves the candidate fails (`reject(partial)` is True);
+# candidates (, reject=None, near=None, guess=None, seeds=None) -> per-kept-seed scores for each. The scorer may
+# honour `reject` and return a partial score as soon as it proves a candidate fails (`reject(partial)` is True);
 # passes are always complete. Callers pass `reject` whenever a failing score's exact value is not needed. A score for
 # which `near(score)` is True is replaced by the official layout's (`official_tie`); `near=ALWAYS` asks for it.
+# `guess` (speculative blocks): the predicted outcome (True: pass) of every candidate; the scorer may return only
+# the candidates up to and including the first outcome against it. `seeds`: positions in the kept seeds to score
+# (fast mode's screening seeds); the scores then cover only those seeds.
 ScoreFn = Callable[..., list[torch.Tensor]]
 REJECT_MARGIN = 1e-4  # a single seed rejects only this far past the threshold: far above float noise across batches
 TIE_BAND = 1e-4  # scores this close to a decision's threshold are decided in the official layout (float noise: ~1e-6)
@@ -144,19 +147,23 @@ def initial_selection(score: ScoreFn, acts: dict[str, torch.Tensor], stats: Neur
     def near(per_seed: torch.Tensor) -> bool:  # a passing score is also refinement's starting score
         return near_init(per_seed) or near_refine(per_seed)
 
-    for start in range(0, len(steps), max(1, speculate)):
+    start = 0
+    while start < len(steps):
         block = steps[start:start + max(1, speculate)]
         cands = [ood_candidates(acts, stats, theta, k) for theta, k in block]
         last = start + len(block) == len(steps)  # a give-up refines against the last step's full score
-        scores = [float(s.max()) for s in score(cands, reject=None if last else reject, near=near)]
+        head = cands[:-1] if last else cands  # steps that may stop at the first seed proving a fail
+        scores = [float(s.max()) for s in score(head, reject=reject, near=near, guess=False)] if head else []
+        if last and len(scores) == len(head) and min(scores, default=float("inf")) > settings.tau_initial:
+            scores.append(float(score(cands[-1:], near=near)[0].max()))
         for j, s in enumerate(scores):
-            it = start + j
             if s <= settings.tau_initial:
                 theta, k = block[j]  # official: the stop test also runs after a success
                 stopped = (settings.use_theta and theta <= settings.theta_min) or k >= settings.k_max
                 if stopped:
                     s = float(score([cands[j]], near=ALWAYS)[0].max())
-                return cands[j], s, (s if stopped else settings.tau_refine), it + 1
+                return cands[j], s, (s if stopped else settings.tau_refine), start + j + 1
+        start += len(scores)  # a block ends early at a pass that a tie check turned into a fail
     final = float(score([cands[-1]], near=ALWAYS)[0].max())
     return cands[-1], final, final, len(steps)
 
@@ -209,7 +216,7 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
             if guess:
                 s = cands[-1]
         used = 0
-        for cand, per_seed in zip(cands, score(cands, reject=reject, near=near)):
+        for cand, per_seed in zip(cands, score(cands, reject=reject, near=near, guess=guess)):
             ok = passes(per_seed)
             used += 1
             outcomes[ok] += 1
@@ -286,8 +293,10 @@ def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], 
 def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
                   settings: LocalizeSettings, prompt: str, speculate: int | None, *, refine_block: int | None,
                   batch_size: int | None, unblocked: torch.Tensor | None,
-                  initial_fn=initial_selection, early_reject: bool = False) -> PromptResult:
-    """Seed filter, `initial_fn`, then `refine_fn` (exact mode's sequential pair, or fast mode's search pair)."""
+                  initial_fn=initial_selection, early_reject: bool = False,
+                  independent: bool = False) -> PromptResult:
+    """Seed filter, `initial_fn`, then `refine_fn` (exact mode's sequential pair, or fast mode's search pair, whose
+    candidates per call are `independent` tests: see `batching.resolve_batching`)."""
     before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
     n = scorer.settings.n_seeds
     official = {}  # the unblocked deltas in the official layout, computed when a tie first needs them
@@ -307,7 +316,8 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
     result = PromptResult(prompt, bool(len(kept)), per_seed.tolist(), kept.tolist())
     if result.memorized:
         reference = reference[kept]
-        plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block, scorer.sharing)
+        plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block, scorer.sharing,
+                                independent=independent, early_reject=early_reject)
 
         def official_tie(cand: Lists) -> torch.Tensor:
             """The score in the official layout: all n seeds of this one candidate alone in a forward, against the
@@ -319,39 +329,60 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
             return ms_ssim(official_unblocked()[kept], deltas[kept], scorer.settings)
 
         # early rejection (opt-in): score the seed most likely to fail first (the last one that failed; at first,
-        # the most consistent unblocked seed), so a failing candidate costs a 1-sample forward instead of all kept
-        # seeds and a passing one costs that forward more; used while failures are more than 1 in len(kept). It
-        # pays where time follows samples (a large UNet on CPU); the 16x16 memorizer on CPU pays almost as much
-        # for 1 sample as for 10 (measured: README). Decisions are the same either way.
+        # the most consistent unblocked seed) for every candidate of the call, then all kept seeds for those it did
+        # not reject, so a failing candidate costs 1 sample instead of all kept seeds and a passing one costs that
+        # sample more; used while failures are more than 1 in len(kept). Decisions are the same either way.
         seed_order = sorted(range(len(kept)), key=lambda i: -float(per_seed[kept[i]]))
         seen = {"fail": 1, "pass": 0}
 
-        def shared(cands: Sequence[Lists], reject=None) -> list[torch.Tensor]:
-            if not early_reject or reject is None or len(cands) != 1:
-                return scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
-            if len(kept) > 1 and seen["fail"] * (len(kept) - 1) >= seen["pass"]:
-                i = seed_order[0]
-                first = scorer.blocked_scores(embed, kept[i:i + 1], reference[i:i + 1], cands)[0]
-                if reject(first):
-                    seen["fail"] += 1
-                    return [first]
-            full = scorer.blocked_scores(embed, kept, reference, cands, max_batch=plan.batch_size)
-            failed = reject(full[0])
-            seen["fail" if failed else "pass"] += 1
-            if failed:
-                seed_order.insert(0, seed_order.pop(seed_order.index(int(full[0].argmax()))))
-            return full
+        def shared(cands: Sequence[Lists], reject=None, guess: bool | None = None,
+                   seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
+            mine = list(range(len(kept))) if seeds is None else list(seeds)  # positions in kept
+            ks, ref = kept[mine], reference[mine]
+            if not early_reject or reject is None:
+                return scorer.blocked_scores(embed, ks, ref, cands, max_batch=plan.batch_size)
+            out: list = [None] * len(cands)
+            probed = len(mine) > 1 and (len(cands) > 1 or seen["fail"] * (len(mine) - 1) >= seen["pass"])
+            if probed:  # one seed per candidate
+                i = next(i for i in seed_order if i in mine)
+                probes = scorer.blocked_scores(embed, kept[i:i + 1], reference[i:i + 1], cands,
+                                               max_batch=plan.batch_size)
+                for j, first in enumerate(probes):
+                    if reject(first):
+                        seen["fail"] += 1
+                        out[j] = first
+            end = len(cands)  # a speculative block ends at its first outcome against the guess
+            if guess is True:
+                end = next((j + 1 for j, x in enumerate(out) if x is not None), end)
+            while True:
+                todo = [j for j in range(end) if out[j] is None]
+                if not todo:
+                    return out[:end]
+                if guess is False and probed:  # a survivor will likely pass and end the block: one at a time
+                    todo = todo[:1]
+                for j, scores in zip(todo, scorer.blocked_scores(embed, ks, ref, [cands[j] for j in todo],
+                                                                 max_batch=plan.batch_size)):
+                    out[j] = scores
+                    failed = reject(scores)
+                    seen["fail" if failed else "pass"] += 1
+                    if failed:
+                        worst = mine[int(scores.argmax())]
+                        seed_order.insert(0, seed_order.pop(seed_order.index(worst)))
+                    if guess is not None and failed != (not guess):
+                        end = min(end, j + 1)
 
         # one candidate with all n seeds in one unshared forward, against official unblocked deltas: that already
         # is the official layout (per-sample masks multiply by the same values as the official [1, width] one)
         native = "deltas" in official and len(kept) == n and n <= min(plan.batch_size, scorer.settings.max_batch)
 
-        def score(cands: Sequence[Lists], reject=None, near=None) -> list[torch.Tensor]:
+        def score(cands: Sequence[Lists], reject=None, near=None, guess=None, seeds=None) -> list[torch.Tensor]:
+            if seeds is not None:  # fast mode's screening seeds: no official layout to match
+                return shared(cands, reject, guess, seeds)
             if native and len(cands) == 1:
                 return shared(cands, reject)
             if near is ALWAYS:
                 return [official_tie(c) for c in cands]
-            out = shared(cands, reject)
+            out = shared(cands, reject, guess)
             if near is not None:  # a rejected partial score is past the margin, never near
                 for i, (cand, s) in enumerate(zip(cands, out)):
                     if near(s):
