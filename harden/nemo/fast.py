@@ -90,66 +90,65 @@ def group_refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequen
     fails on all of them (the score is a max over seeds), so single drops that fail on the screening seeds still
     prove 1-minimality; only the final set needs all seeds to prove it passes. The screening seeds are those whose
     score with the initial set blocked is highest (closest to failing). If the result fails on another seed, that
-    seed joins the screen and the search resumes from its last set that passes on the grown screen (at most once
-    per kept seed).
+    seed joins the screen and the search resumes from the last set it accepted that passes on the grown screen (at
+    most once per kept seed).
     Returns (lists, score of the final set on all kept seeds).
     """
     start = score([initial])[0]  # per kept seed: which seeds are closest to failing
     kept = len(start)
     baseline = start if settings.rel_threshold is not None else None
+    limit = (tau if baseline is None else settings.rel_threshold) - TIE_BAND  # a margin: true in any batch layout
+    reject = rejects_above(tau, strict=False) if baseline is None else None
 
-    def passes(per_seed: torch.Tensor, seeds: Sequence[int]) -> bool:  # with a margin: true in any batch layout
+    def measure(per_seed: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:  # per seed, compared with `limit`
         if baseline is None:
-            return float(per_seed.max()) < tau - TIE_BAND
+            return per_seed
         ref = baseline[list(seeds)]
-        return float(((per_seed - ref) / (ref.abs() + 1e-9)).abs().max()) < settings.rel_threshold - TIE_BAND
+        return ((per_seed - ref) / (ref.abs() + 1e-9)).abs()
+
+    def passes(per_seed: torch.Tensor, seeds: Sequence[int]) -> bool:
+        return float(measure(per_seed, seeds).max()) < limit
 
     screen = sorted(torch.argsort(start, descending=True)[:max(1, round(SCREEN_SHARE * kept))].tolist())
+    trail: list[Lists] = []  # the sets accepted since the initial one, in order, each passing on its screen
     base, base_score = initial, float(start[screen].max())
     while True:
-        found, found_score, history = _group_search(score, base, base_score, tau, layer_order, block, screen, passes,
-                                                    baseline is None)
+        found, found_score, history = _group_search(score, base, base_score, layer_order, block, screen, passes,
+                                                    reject)
         if len(screen) == kept:
             return found, found_score
         check = score([found])[0]
         if passes(check, range(kept)):
             return found, float(check.max())
-        if baseline is None:
-            failing = torch.nonzero(check >= tau - TIE_BAND).flatten().tolist()
-        else:
-            failing = torch.nonzero((check - baseline).abs() / (baseline.abs() + 1e-9)
-                                    >= settings.rel_threshold - TIE_BAND)
-            failing = failing.flatten().tolist()
+        failing = torch.nonzero(measure(check, range(kept)) >= limit).flatten().tolist()
         new = set(failing) - set(screen)  # none: the screen's own seeds, a float-noise tie between layouts
         screen = sorted(set(screen) | new) if new else list(range(kept))
-        # resume from the most reduced set of this search that passes on the grown screen (the search's start
-        # passes on every seed), probing the sets from the last one back
-        steps = list(reversed(history))
-        results = score(steps, reject=rejects_above(tau, strict=False) if baseline is None else None, guess=False,
-                        seeds=screen) if steps else []
-        resumed = next(((c, r) for c, r in zip(steps, results) if passes(r, screen)), None)
-        if resumed is not None:
-            base, base_score = resumed[0], float(resumed[1].max())
+        # resume from the most reduced accepted set that passes on the grown screen, probing from the last one
+        # back; the initial set passes on every seed
+        trail += history
+        steps = list(reversed(trail))
+        results = score(steps, reject=reject, guess=False, seeds=screen) if steps else []
+        back = next((i for i, r in enumerate(results) if passes(r, screen)), None)
+        if back is None:
+            trail, base, base_score = [], initial, float(start[screen].max())
         else:
-            base_score = float(score([base], seeds=screen)[0].max())
+            trail, base, base_score = trail[:len(trail) - back], steps[back], float(results[back].max())
 
 
-def _group_search(score: ScoreFn, initial: Lists, initial_score: float, tau: float,
-                  layer_order: Sequence[str], block: int, seeds: Sequence[int], passes,
-                  absolute: bool) -> tuple[Lists, float, list[Lists]]:
+def _group_search(score: ScoreFn, initial: Lists, initial_score: float, layer_order: Sequence[str], block: int,
+                  seeds: Sequence[int], passes, reject) -> tuple[Lists, float, list[Lists]]:
     """Group removal on the `seeds` (positions in kept): first whole layers (reverse order), then parts of the
     groups that could not be removed; then single-drop sweeps until the set is 1-minimal on those seeds.
 
     Parts are halves while few neurons turn out to be needed and shrink to single neurons as the estimated share of
     needed neurons grows (Hwang's generalized binary splitting), so a dense set costs about what exact mode costs.
-    Per round, up to `block` groups are tested against the current set in one scorer call. When several pass,
-    their union is tried once; if it fails, only the first is removed and the others are tested again. Groups of
-    one that fail are remembered with the version of the set they failed against, so a sweep only re-tests
-    neurons whose test is out of date. Returns (lists, max score of the final set on `seeds`, the set after each
-    removal in order).
+    Per round, up to `block` groups are tested against the current set in one scorer call. When several pass, the
+    longest prefix of them that passes together is removed and the others are tested again. Groups of one that
+    fail are remembered with the version of the set they failed against, so a sweep only re-tests neurons whose
+    test is out of date. `passes(per_seed, seeds)` decides a test; `reject` lets the scorer stop at a seed that
+    proves a fail. Returns (lists, max score of the final set on `seeds`, the set after each removal in order).
     """
     seeds = list(seeds)
-    reject = rejects_above(tau, strict=False) if absolute else None
 
     def run(cands: Sequence[Lists], guess: bool | None = None) -> list[torch.Tensor]:
         return score(cands, reject=reject, guess=guess, seeds=seeds)
