@@ -214,3 +214,40 @@ def test_fast_mode_batches_its_tests_on_any_device_and_whatever_the_pooling():
     # with early rejection fast mode's initial selection is exact mode's sweep, probed with one seed per step
     assert resolve_batching(cpu, 10, sharing=8, independent=True, early_reject=True) == Batching(160, 20, FAST_BLOCK)
     assert resolve_batching(cpu, 10, 64, 3, 5, sharing=8, independent=True) == Batching(64, 3, 5)
+
+
+@pytest.mark.parametrize("early_reject", [False, True])
+def test_fast_mode_on_a_unet_ends_below_threshold_and_one_minimal_on_every_seed(early_reject):
+    """End to end with a real scorer (screening seeds; with early rejection a survivor's probe counts as its seed's
+    score in the screen; the initial set's known scores pick the screen): the result, scored here afresh on all
+    seeds, is below tau_refine, and every single drop from it is not (within TIE_BAND, which fast mode counts as
+    failing)."""
+    from micro_model import micro_model
+
+    from harden.bench import forced_settings
+    from harden.nemo.fast import localize_prompt_fast
+    from harden.nemo.localize import TIE_BAND
+    from harden.nemo.score import NoiseDiffScorer
+    from harden.nemo.stats import value_activations
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        unet, targets, stats, settings, g = micro_model()
+        embed = torch.randn(1, 77, 32, generator=g)
+        acts = {k: v[0] for k, v in value_activations(embed, targets).items()}
+        loc = forced_settings(NoiseDiffScorer(unet, targets, 961, settings), embed, acts, stats, 3)
+        found = localize_prompt_fast(NoiseDiffScorer(unet, targets, 961, settings), embed, acts, stats, loc, "p",
+                                     early_reject=early_reject)
+        check = NoiseDiffScorer(unet, targets, 961, settings)
+        kept = torch.tensor(found.kept_seeds)
+        reference = check.unblocked(embed)[kept]
+        final = {t.name: list(found.refined.to_json().get(t.name, [])) for t in targets}
+        drops = [{**final, layer: [x for x in idx if x != n]} for layer, idx in final.items() for n in idx]
+        scores = check.blocked_scores(embed, kept, reference, [final] + drops)
+    finally:
+        torch.set_num_threads(threads)
+    assert found.memorized and len(kept) == settings.n_seeds and 0 < len(found.refined) < len(NeuronSet(found.initial))
+    assert float(scores[0].max()) == pytest.approx(found.refined_score, abs=5e-6)
+    assert found.refined_score < loc.tau_refine
+    assert min(float(s.max()) for s in scores[1:]) >= loc.tau_refine - TIE_BAND - 5e-6

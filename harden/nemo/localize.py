@@ -338,9 +338,8 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
         def shared(cands: Sequence[Lists], reject=None, guess: bool | None = None,
                    seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
             mine = list(range(len(kept))) if seeds is None else list(seeds)  # positions in kept
-            ks, ref = kept[mine], reference[mine]
             if not early_reject or reject is None:
-                return scorer.blocked_scores(embed, ks, ref, cands, max_batch=plan.batch_size)
+                return scorer.blocked_scores(embed, kept[mine], reference[mine], cands, max_batch=plan.batch_size)
             out: list = [None] * len(cands)
             probed = len(mine) > 1 and (len(cands) > 1 or seen["fail"] * (len(mine) - 1) >= seen["pass"])
             if probed:  # one seed per candidate
@@ -354,14 +353,19 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
             end = len(cands)  # a speculative block ends at its first outcome against the guess
             if guess is True:
                 end = next((j + 1 for j, x in enumerate(out) if x is not None), end)
+            # fast mode's screens are not matched to the official layout, so a survivor's probe counts as its seed's
+            # score there; exact mode re-scores it with the other seeds, as the official code's batch holds them
+            rest = [m for m in mine if not (probed and seeds is not None and m == i)]
             while True:
                 todo = [j for j in range(end) if out[j] is None]
                 if not todo:
                     return out[:end]
                 if guess is False and probed:  # a survivor will likely pass and end the block: one at a time
                     todo = todo[:1]
-                for j, scores in zip(todo, scorer.blocked_scores(embed, ks, ref, [cands[j] for j in todo],
-                                                                 max_batch=plan.batch_size)):
+                for j, scores in zip(todo, scorer.blocked_scores(embed, kept[rest], reference[rest],
+                                                                 [cands[j] for j in todo], max_batch=plan.batch_size)):
+                    if len(rest) < len(mine):  # back in `mine` order
+                        scores = torch.cat([probes[j], scores])[[([i] + rest).index(m) for m in mine]]
                     out[j] = scores
                     failed = reject(scores)
                     seen["fail" if failed else "pass"] += 1
@@ -375,9 +379,21 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
         # is the official layout (per-sample masks multiply by the same values as the official [1, width] one)
         native = "deltas" in official and len(kept) == n and n <= min(plan.batch_size, scorer.settings.max_batch)
 
+        full: dict[frozenset, torch.Tensor] = {}  # fast mode: per-seed scores of sets scored on all kept seeds
+
         def score(cands: Sequence[Lists], reject=None, near=None, guess=None, seeds=None) -> list[torch.Tensor]:
             if seeds is not None:  # fast mode's screening seeds: no official layout to match
                 return shared(cands, reject, guess, seeds)
+            if independent:  # e.g. the initial set, scored in initial selection, is scored again to pick a screen
+                known = [full.get(_as_set(c)) for c in cands]
+                if near is not ALWAYS and all(k is not None for k in known):
+                    return known
+                out = score_all(cands, reject, near, guess)
+                full.update((_as_set(c), s) for c, s in zip(cands, out) if s.numel() == len(kept))
+                return out
+            return score_all(cands, reject, near, guess)
+
+        def score_all(cands: Sequence[Lists], reject=None, near=None, guess=None) -> list[torch.Tensor]:
             if native and len(cands) == 1:
                 return shared(cands, reject)
             if near is ALWAYS:
