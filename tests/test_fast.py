@@ -251,3 +251,27 @@ def test_fast_mode_on_a_unet_ends_below_threshold_and_one_minimal_on_every_seed(
     assert float(scores[0].max()) == pytest.approx(found.refined_score, abs=5e-6)
     assert found.refined_score < loc.tau_refine
     assert min(float(s.max()) for s in scores[1:]) >= loc.tau_refine - TIE_BAND - 5e-6
+
+
+def test_a_sweep_removes_its_passing_drops_together():
+    """Scores are not monotone in the set: while "z" is blocked, unblocking any "p" costs 0.3 more, so every "p" fails
+    in the group phase; once "z" is gone, each "p" passes alone (and all four together, 0.34 < 0.35). The sweep must
+    remove the four in one step (a sequential sweep removes one per sweep and re-tests the rest each time)."""
+    from harden.nemo.fast import _group_search
+    from harden.nemo.localize import rejects_above
+
+    def per_seed(c):
+        blocked = set(c.get("a", []))
+        if "n" not in blocked:
+            return torch.tensor([0.9])
+        free = sum(p not in blocked for p in ("p1", "p2", "p3", "p4"))
+        return torch.tensor([0.1 + (0.3 if "z" in blocked and free else 0.0) + 0.06 * free])
+
+    def score(cands, reject=None, near=None, guess=None, seeds=None):
+        return [per_seed(c) for c in cands]
+
+    initial = {"a": ["z", "n", "p1", "p2", "p3", "p4"]}
+    final, s, history = _group_search(score, initial, per_seed(initial), ["a"], 32, [0],
+                                      lambda r, seeds: float(r.max()) < 0.35 - 1e-4, rejects_above(0.35, False))
+    assert final == {"a": ["n"]} and s == pytest.approx(0.34)
+    assert history == [{"a": ["n", "p1", "p2", "p3", "p4"]}, {"a": ["n"]}]  # "z" first, then the four together
