@@ -341,6 +341,7 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
             if not early_reject or reject is None:
                 return scorer.blocked_scores(embed, kept[mine], reference[mine], cands, max_batch=plan.batch_size)
             out: list = [None] * len(cands)
+            rest, order = mine, None  # the seeds a survivor is scored on; how its probe joins them
             probed = len(mine) > 1 and (len(cands) > 1 or seen["fail"] * (len(mine) - 1) >= seen["pass"])
             if probed:  # one seed per candidate
                 i = next(i for i in seed_order if i in mine)
@@ -350,12 +351,14 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
                     if reject(first):
                         seen["fail"] += 1
                         out[j] = first
+                # fast mode's screens are not matched to the official layout, so a survivor's probe counts as its
+                # seed's score there; exact mode re-scores it with the other seeds, as the official batch holds them
+                if seeds is not None:
+                    rest = [m for m in mine if m != i]
+                    order = [([i] + rest).index(m) for m in mine]
             end = len(cands)  # a speculative block ends at its first outcome against the guess
             if guess is True:
                 end = next((j + 1 for j, x in enumerate(out) if x is not None), end)
-            # fast mode's screens are not matched to the official layout, so a survivor's probe counts as its seed's
-            # score there; exact mode re-scores it with the other seeds, as the official code's batch holds them
-            rest = [m for m in mine if not (probed and seeds is not None and m == i)]
             while True:
                 todo = [j for j in range(end) if out[j] is None]
                 if not todo:
@@ -364,8 +367,8 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
                     todo = todo[:1]
                 for j, scores in zip(todo, scorer.blocked_scores(embed, kept[rest], reference[rest],
                                                                  [cands[j] for j in todo], max_batch=plan.batch_size)):
-                    if len(rest) < len(mine):  # back in `mine` order
-                        scores = torch.cat([probes[j], scores])[[([i] + rest).index(m) for m in mine]]
+                    if order is not None:  # the probe's seed back in its place
+                        scores = torch.cat([probes[j], scores])[order]
                     out[j] = scores
                     failed = reject(scores)
                     seen["fail" if failed else "pass"] += 1
@@ -385,11 +388,12 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
             if seeds is not None:  # fast mode's screening seeds: no official layout to match
                 return shared(cands, reject, guess, seeds)
             if independent:  # e.g. the initial set, scored in initial selection, is scored again to pick a screen
-                known = [full.get(_as_set(c)) for c in cands]
+                keys = [_as_set(c) for c in cands]
+                known = [full.get(k) for k in keys]
                 if near is not ALWAYS and all(k is not None for k in known):
                     return known
                 out = score_all(cands, reject, near, guess)
-                full.update((_as_set(c), s) for c, s in zip(cands, out) if s.numel() == len(kept))
+                full.update((k, s) for k, s in zip(keys, out) if s.numel() == len(kept))
                 return out
             return score_all(cands, reject, near, guess)
 
