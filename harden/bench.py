@@ -18,6 +18,7 @@ import torch
 import typer
 
 from .errors import BadInputError, HardenError
+from .nemo.batching import early_rejection
 from .nemo.fast import compare_modes, localize_prompt_fast
 from .nemo.localize import LocalizeSettings, PromptResult, localize_prompt, ood_candidates, schedule
 from .nemo.pool import pool_workers, run_pooled
@@ -209,7 +210,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine_block: int | None = None,
-              speculate: int | None = None, log=print, early_reject: bool = False,
+              speculate: int | None = None, log=print, early_reject: bool | None = None,
               parallel_prompts: int | None = None) -> dict:
     """Localize every prompt in each mode; per prompt and total forwards, seconds, peak memory; speed-ups.
 
@@ -223,8 +224,9 @@ def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         scorer = work.scorer()
+        early = early_rejection(early_reject, device, mode == "fast") if mode != "reference" else False
         kwargs = {} if mode == "reference" else dict(batch_size=batch_size, refine_block=refine_block,
-                                                     speculate=speculate, early_reject=early_reject)
+                                                     speculate=speculate, early_reject=early)
         def job(text, embed, acts, loc):
             def search(shared: NoiseDiffScorer):
                 t0 = time.perf_counter()
@@ -255,12 +257,12 @@ def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine
                  "parallel_prompts": 1 if mode == "reference" else
                  pool_workers(scorer, len(jobs), batch_size, parallel_prompts),
                  "tie_checks": sum(r.tie_checks for r in results[mode]),
-                 "tie_shift_max": max((r.tie_shift for r in results[mode]), default=0.0)}
+                 "tie_shift_max": max((r.tie_shift for r in results[mode]), default=0.0), "early_reject": early}
         out["modes"][mode] = {"prompts": rows, "total": total}
         log(f"{mode:9s} total: {total['unet_forwards']} UNet forwards, {total['sample_forwards']} sample-forwards, "
             f"{total['seconds']:.2f} s, peak memory {total['peak_memory_mb']:.0f} MiB, "
-            f"{total['parallel_prompts']} prompts at a time, {total['tie_checks']} ties re-scored in the official "
-            f"layout (largest shift {total['tie_shift_max']:.1e})")
+            f"{total['parallel_prompts']} prompts at a time, early rejection {'on' if early else 'off'}, "
+            f"{total['tie_checks']} ties re-scored in the official layout (largest shift {total['tie_shift_max']:.1e})")
     if "reference" in results:
         ref = out["modes"]["reference"]["total"]
         out["speedup"] = {}
@@ -355,8 +357,9 @@ def bench_command(
                                                          "(NeMo: 5; lower gives wider initial sets).")] = None,
     k_start: Annotated[Optional[int], typer.Option("--k-start", help="memorizer/planted: initial top-k.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all numbers to this JSON file.")] = None,
-    early_reject: Annotated[bool, typer.Option("--early-reject", help="Exact and fast mode stop at the first seed "
-                                               "that fails a candidate (same decisions).")] = False,
+    early_reject: Annotated[Optional[bool], typer.Option(
+        "--early-reject/--no-early-reject", help="Stop a test at the first seed that fails it (exact mode: same "
+        "decisions). Default: on, except exact mode on CUDA.")] = None,
     parallel_prompts: Annotated[Optional[int], typer.Option(
         "--parallel-prompts", min=1, help="Exact and fast mode: prompts searched side by side, sharing forwards "
         "(default: as many as fill a forward; 1: one at a time).")] = None,
@@ -398,7 +401,6 @@ def bench_command(
         typer.echo("setup seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in work.setup_seconds.items()))
         report = {"model": model, "name": work.name, "device": str(dev), "seeds": seeds, "notes": work.notes,
                   "setup_seconds": work.setup_seconds}
-        report["early_reject"] = early_reject
         report.update(run_modes(work, chosen, batch_size, refine_block, speculate, log=typer.echo,
                                 early_reject=early_reject, parallel_prompts=parallel_prompts))
         if calib_prompts:

@@ -134,7 +134,8 @@ class LocalizationSection(_Strict):
     speculate: int | None = Field(None, ge=1)  # initial-selection steps evaluated per UNet batch
     refine_block: int | None = Field(None, ge=1)  # speculative refinement trials per UNet batch
     batch_size: int | None = Field(None, ge=1)  # samples per UNet forward while localizing
-    early_reject: bool = False  # stop at the first seed that fails a candidate: pays where time follows samples
+    # stop a test at the first seed that fails it; null = auto: on, except exact mode on CUDA (`batching`)
+    early_reject: bool | None = None
     only_detected: bool = True  # localize only prompts whose score is above the detection threshold
     # fast mode: also localize every prompt in exact mode and compare both in the report (neurons, scores and the
     # verification metrics of both pruned models). It costs an exact-mode run; turn it off once the modes agree.

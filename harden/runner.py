@@ -27,6 +27,7 @@ from . import __version__
 from .errors import BadInputError, GateFailedError
 from .export import save_tensors_atomic, write_atomic
 from .loading import load_pipeline
+from .nemo.batching import early_rejection
 from .nemo.localize import LocalizeSettings, PromptResult, localize_prompt, union_of
 from .nemo.score import NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep, max_pairwise_scores
 from .nemo.stats import NeuronStats, compute_stats, encode_prompts, iter_embeddings, value_activations
@@ -345,7 +346,8 @@ def _localizer(run: Run, mode: str):
     fn = localize_prompt if mode == "exact" else localize_prompt_fast
     return lambda scorer, embed, acts, stats, settings, prompt, unblocked: fn(
         scorer, embed, acts, stats, settings, prompt, loc.speculate, refine_block=loc.refine_block,
-        batch_size=loc.batch_size, unblocked=unblocked, early_reject=loc.early_reject)
+        batch_size=loc.batch_size, unblocked=unblocked,
+        early_reject=early_rejection(loc.early_reject, next(scorer.unet.parameters()).device, mode == "fast"))
 
 
 def load_results(folder: RunFolder, sub: str = "prompts") -> list[tuple[int, PromptResult]]:

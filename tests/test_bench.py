@@ -14,7 +14,8 @@ def test_bench_planted_prints_speedups_and_writes_forward_counts(tmp_path):
     threads = torch.get_num_threads()
     try:
         out = CliRunner().invoke(app, ["bench", "--model", "planted", "--prompts", "2", "--seeds", "6", "--threads",
-                                       "1", "--calib-prompts", "8", "--json", str(tmp_path / "b.json")])
+                                       "1", "--calib-prompts", "8", "--no-early-reject",
+                                       "--json", str(tmp_path / "b.json")])
     finally:
         torch.set_num_threads(threads)
     assert out.exit_code == 0, out.output
@@ -44,6 +45,7 @@ def test_bench_planted_prints_speedups_and_writes_forward_counts(tmp_path):
     assert report["speedup"]["exact"]["sample_forwards"] == 97 / 30
     assert report["exact_equals_reference"] == {"same_sets": True, "max_score_diff": 0.0}
     assert report["compare"]["same_sets"] == 1 and report["calibration"]["prompts"] == 8
+    assert [modes[m]["total"]["early_reject"] for m in modes] == [False, False, False]
 
 
 def test_bench_refuses_bad_options(tmp_path):

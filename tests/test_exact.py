@@ -6,7 +6,8 @@ import torch
 from micro_model import micro_model
 
 from harden.bench import forced_settings
-from harden.nemo.localize import LocalizeSettings, initial_selection, localize_prompt, refine, speculative_greedy
+from harden.nemo.localize import (TIE_BAND, LocalizeSettings, initial_selection, localize_prompt, refine,
+                                  speculative_greedy)
 from harden.nemo.reference import official_localize, reference_localize_prompt, synthetic_scorer
 from harden.nemo.score import NoiseDiffScorer
 from harden.nemo.stats import value_activations
@@ -171,7 +172,9 @@ def test_exact_equals_reference_on_the_shipped_memorizer(variant):
 
 def test_early_rejection_keeps_every_decision_and_scores_fewer_seeds():
     """A scorer that stops at the first seed proving a candidate fails (as localize_with's does) must leave initial
-    selection, refinement and fast mode's searches with the same results, and score fewer seeds."""
+    selection and refinement with the same results, and score fewer seeds. Fast mode's rounds then run on the probe
+    seed only (`probe="only"`), which may change its path: its result must still pass on every seed and be
+    1-minimal."""
     from harden.nemo.fast import bisect_initial, group_refine
 
     totals = {False: 0, True: 0}
@@ -184,11 +187,15 @@ def test_early_rejection_keeps_every_decision_and_scores_fewer_seeds():
         for early in (False, True):
             seeds_scored = [0]
 
-            def score(cands, reject=None, near=None, guess=None, seeds=None):
+            def score(cands, reject=None, near=None, guess=None, seeds=None, probe=None):
                 out = []
                 for c in cands:
                     s = score_lists([c.get(n, []) for n in NAMES])
                     s = s if seeds is None else s[list(seeds)]
+                    if early and reject is not None and probe == "only" and len(s) > 1:
+                        seeds_scored[0] += 1
+                        out.append(s[:1])  # the probe seed's score alone; survivors are confirmed by the caller
+                        continue
                     if early and reject is not None:
                         first = s[:1]  # seed 0 alone: a partial answer
                         seeds_scored[0] += 1
@@ -203,7 +210,12 @@ def test_early_rejection_keeps_every_decision_and_scores_fewer_seeds():
             final, s1 = refine(score, initial, tau, NAMES, s0, settings)
             f_initial, f0, f_tau, _ = bisect_initial(score, act_map, stats, settings)
             fast, f1 = group_refine(score, f_initial, f_tau, NAMES, f0, settings)
-            runs[early] = ((initial, s0, tau, it, final, s1, f_initial, f0, fast, f1), seeds_scored[0])
+            runs[early] = ((initial, s0, tau, it, final, s1, f_initial, f0), seeds_scored[0])
+            assert float(score_lists([fast.get(n, []) for n in NAMES]).max()) == f1 < f_tau
+            for layer in NAMES:  # 1-minimal on all seeds: every single drop fails
+                for x in fast.get(layer, []):
+                    trial = {**fast, layer: [y for y in fast[layer] if y != x]}
+                    assert float(score_lists([trial.get(n, []) for n in NAMES]).max()) >= f_tau - TIE_BAND
         assert runs[True][0] == runs[False][0]
         totals[False], totals[True] = totals[False] + runs[False][1], totals[True] + runs[True][1]
     assert totals[True] < 0.8 * totals[False]

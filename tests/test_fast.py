@@ -24,7 +24,7 @@ def _problem(seed, n_important=4):
     lists_score, _ = synthetic_scorer(WIDTHS, seed, n_important=n_important)
     calls = []
 
-    def score(cands, reject=None, near=None, guess=None, seeds=None):
+    def score(cands, reject=None, near=None, guess=None, seeds=None, probe=None):
         calls.append(len(cands))
         return [_on(lists_score([c.get(n, []) for n in NAMES]), seeds) for c in cands]
 
@@ -130,7 +130,7 @@ def test_single_necessary_neuron_costs_a_few_tests():
     truth = ("b", 7)
     calls = []
 
-    def score(cands, reject=None, near=None, guess=None, seeds=None):
+    def score(cands, reject=None, near=None, guess=None, seeds=None, probe=None):
         calls.extend(cands)
         return [torch.tensor([0.1 if truth[1] in c.get(truth[0], []) else 0.9]) for c in cands]
 
@@ -143,7 +143,7 @@ def test_single_necessary_neuron_costs_a_few_tests():
 
 
 def test_rel_threshold_and_nothing_removable():
-    def score(cands, reject=None, near=None, guess=None, seeds=None):  # every neuron matters: nothing can go
+    def score(cands, reject=None, near=None, guess=None, seeds=None, probe=None):  # every neuron matters
         return [torch.tensor([0.1 + 0.1 * (4 - sum(len(v) for v in c.values()))]) for c in cands]
 
     initial = {"a": [0, 1], "b": [2, 3]}
@@ -187,7 +187,7 @@ def test_screening_seeds_grow_until_the_result_passes_on_every_seed():
 
     calls = []
 
-    def score(cands, reject=None, near=None, guess=None, seeds=None):
+    def score(cands, reject=None, near=None, guess=None, seeds=None, probe=None):
         calls.append((len(cands), None if seeds is None else tuple(seeds)))
         return [_on(per_seed(c), seeds) for c in cands]
 
@@ -214,6 +214,15 @@ def test_fast_mode_batches_its_tests_on_any_device_and_whatever_the_pooling():
     # with early rejection fast mode's initial selection is exact mode's sweep, probed with one seed per step
     assert resolve_batching(cpu, 10, sharing=8, independent=True, early_reject=True) == Batching(160, 20, FAST_BLOCK)
     assert resolve_batching(cpu, 10, 64, 3, 5, sharing=8, independent=True) == Batching(64, 3, 5)
+
+
+def test_early_rejection_is_on_by_default_except_exact_mode_on_cuda():
+    from harden.nemo.batching import early_rejection
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert early_rejection(None, cpu, fast=False) and early_rejection(None, cpu, fast=True)
+    assert early_rejection(None, cuda, fast=True) and not early_rejection(None, cuda, fast=False)
+    assert not early_rejection(False, cpu, fast=True) and early_rejection(True, cuda, fast=False)
 
 
 @pytest.mark.parametrize("early_reject", [False, True])
@@ -267,7 +276,7 @@ def test_a_sweep_removes_its_passing_drops_together():
         free = sum(p not in blocked for p in ("p1", "p2", "p3", "p4"))
         return torch.tensor([0.1 + (0.3 if "z" in blocked and free else 0.0) + 0.06 * free])
 
-    def score(cands, reject=None, near=None, guess=None, seeds=None):
+    def score(cands, reject=None, near=None, guess=None, seeds=None, probe=None):
         return [per_seed(c) for c in cands]
 
     initial = {"a": ["z", "n", "p1", "p2", "p3", "p4"]}
@@ -275,3 +284,43 @@ def test_a_sweep_removes_its_passing_drops_together():
                                       lambda r, seeds: float(r.max()) < 0.35 - 1e-4, rejects_above(0.35, False))
     assert final == {"a": ["n"]} and s == pytest.approx(0.34)
     assert history == [{"a": ["n", "p1", "p2", "p3", "p4"]}, {"a": ["n"]}]  # "z" first, then the four together
+
+
+def test_probe_rounds_pass_on_every_seed_one_minimal_and_score_fewer_seeds():
+    """With early rejection a round is scored on the probe seed only (`probe="only"`) and its survivors are
+    confirmed through their union on the other screening seeds. The result must still pass on every kept seed and
+    be 1-minimal, for fewer seed evaluations than confirming each survivor on its own."""
+    totals = {None: 0, "only": 0}
+    for seed in range(8):
+        lists_score, _ = synthetic_scorer(WIDTHS, seed, n_important=6, n_seeds=10)
+        initial = {n: list(range(w)) for n, w in zip(NAMES, WIDTHS)}
+        per_seed = lists_score([initial[n] for n in NAMES])
+        tau = float(per_seed.max()) * 1.4  # the initial set passes; the planted neurons are needed
+        settings = LocalizeSettings(tau_refine=tau)
+        for honour in totals:
+            lead = [0]  # the probe: the seed that last failed a test, as localize_with's scorer keeps it
+
+            def score(cands, reject=None, near=None, guess=None, seeds=None, probe=None):
+                out = []
+                for c in cands:
+                    s = _on(lists_score([c.get(n, []) for n in NAMES]), seeds)
+                    mine = list(range(len(s)))
+                    first = lead[0] if lead[0] in mine else 0
+                    if reject is not None and len(s) > 1 and probe != "never":
+                        totals[honour] += 1
+                        if probe == "only" and honour == "only" or reject(s[first:first + 1]):
+                            out.append(s[first:first + 1])
+                            continue
+                    totals[honour] += len(s)
+                    if reject is not None and reject(s):
+                        lead[0] = int(s.argmax())
+                    out.append(s)
+                return out
+
+            final, s1 = group_refine(score, initial, tau, NAMES, float(per_seed.max()), settings)
+            full = lambda lists: lists_score([lists.get(n, []) for n in NAMES])  # noqa: E731
+            assert float(full(final).max()) == pytest.approx(s1) and s1 < tau
+            for layer, idx in final.items():
+                for x in idx:
+                    assert float(full({**final, layer: [y for y in idx if y != x]}).max()) >= tau - 1e-4
+    assert totals["only"] < 0.8 * totals[None]

@@ -5,7 +5,8 @@ from torchmetrics.functional import multiscale_structural_similarity_index_measu
 from harden.errors import BadInputError
 from harden.hooks import channel_masks
 from harden.nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
-                               initial_latents, max_pairwise_scores, ms_ssim, normalize, pairwise_max)
+                               initial_latents, max_pairwise_scores, ms_ssim, ms_ssim_groups, normalize,
+                               pairwise_max)
 from harden.nemo.stats import encode_prompts
 from harden.targets import resolve_targets
 
@@ -53,6 +54,26 @@ def test_identical_inputs_score_one_and_small_latents_are_refused():
         ms_ssim(x[..., :16, :16], x[..., :16, :16], small)
     two_scales = ScoreSettings(kernel_size=3, betas=(0.5, 0.5))
     assert torch.allclose(ms_ssim(x[..., :16, :16], x[..., :16, :16], two_scales), torch.ones(2))
+
+
+@pytest.mark.parametrize("side, settings", [(64, ScoreSettings()), (16, ScoreSettings(kernel_size=7, betas=(0.5, 0.5))),
+                                            (48, ScoreSettings(kernel_size=5, betas=(0.2, 0.3, 0.5)))])
+def test_grouped_ms_ssim_equals_one_torchmetrics_call_per_group(side, settings):
+    """Each group keeps its own data range (max - min over the group, at every scale): groups of very different
+    ranges and sizes, one pass, equal to one `ms_ssim` call per group."""
+    g = torch.Generator().manual_seed(side)
+    sizes = [1, 4, 10, 3, 1]
+    gains = torch.tensor([1.0, 0.05, 3.0, 1.0, 0.5]).repeat_interleave(torch.tensor(sizes)).view(-1, 1, 1, 1)
+    a = torch.rand(sum(sizes), 4, side, side, generator=g) * gains
+    b = (a + 0.2 * torch.rand(a.shape, generator=g)) * gains
+    expected = torch.cat([ms_ssim(x, y, settings) for x, y in zip(a.split(sizes), b.split(sizes))])
+    got = ms_ssim_groups(a, b, sizes, settings)
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(ms_ssim(a, b, settings), expected, atol=1e-3)  # one batch-wide range differs
+    with pytest.raises(ValueError, match="do not split"):
+        ms_ssim_groups(a, b, [5, 5], settings)
+    with pytest.raises(BadInputError, match="too small"):
+        ms_ssim_groups(a[..., :8, :8], b[..., :8, :8], sizes, settings)
 
 
 def test_threshold_is_mean_plus_one_std():

@@ -336,13 +336,16 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
         seen = {"fail": 1, "pass": 0}
 
         def shared(cands: Sequence[Lists], reject=None, guess: bool | None = None,
-                   seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
+                   seeds: Sequence[int] | None = None, probe: str | None = None) -> list[torch.Tensor]:
+            """`probe`: "only" returns the probe seed's scores (the caller confirms survivors itself); "never"
+            scores all seeds at once (a candidate likely to pass); None decides from the fails seen so far."""
             mine = list(range(len(kept))) if seeds is None else list(seeds)  # positions in kept
             if not early_reject or reject is None:
                 return scorer.blocked_scores(embed, kept[mine], reference[mine], cands, max_batch=plan.batch_size)
             out: list = [None] * len(cands)
             rest, order = mine, None  # the seeds a survivor is scored on; how its probe joins them
-            probed = len(mine) > 1 and (len(cands) > 1 or seen["fail"] * (len(mine) - 1) >= seen["pass"])
+            probed = len(mine) > 1 and probe != "never" and (
+                probe == "only" or len(cands) > 1 or seen["fail"] * (len(mine) - 1) >= seen["pass"])
             if probed:  # one seed per candidate
                 i = next(i for i in seed_order if i in mine)
                 probes = scorer.blocked_scores(embed, kept[i:i + 1], reference[i:i + 1], cands,
@@ -351,6 +354,8 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
                     if reject(first):
                         seen["fail"] += 1
                         out[j] = first
+                if probe == "only":  # the caller scores the survivors itself (fast mode's rounds: their unions)
+                    return probes
                 # fast mode's screens are not matched to the official layout, so a survivor's probe counts as its
                 # seed's score there; exact mode re-scores it with the other seeds, as the official batch holds them
                 if seeds is not None:
@@ -359,12 +364,14 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
             end = len(cands)  # a speculative block ends at its first outcome against the guess
             if guess is True:
                 end = next((j + 1 for j, x in enumerate(out) if x is not None), end)
+            one_by_one = guess is False and probed  # a survivor will likely pass and end the block
             while True:
                 todo = [j for j in range(end) if out[j] is None]
                 if not todo:
                     return out[:end]
-                if guess is False and probed:  # a survivor will likely pass and end the block: one at a time
+                if one_by_one:
                     todo = todo[:1]
+                worst = None
                 for j, scores in zip(todo, scorer.blocked_scores(embed, kept[rest], reference[rest],
                                                                  [cands[j] for j in todo], max_batch=plan.batch_size)):
                     if order is not None:  # the probe's seed back in its place
@@ -377,6 +384,23 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
                         seed_order.insert(0, seed_order.pop(seed_order.index(worst)))
                     if guess is not None and failed != (not guess):
                         end = min(end, j + 1)
+                # a survivor that failed on another seed: the next ones waiting likely fail there too (initial
+                # selection's steps share most neurons), so they are probed on it, 1, 2, 4, ... at a time, until one
+                # survives; chelsea's 7 failing survivors of one probe cost 9 samples each before
+                width = 1
+                while one_by_one and worst is not None:
+                    window = [j for j in range(end) if out[j] is None][:width]
+                    if not window:
+                        break
+                    again = scorer.blocked_scores(embed, kept[worst:worst + 1], reference[worst:worst + 1],
+                                                  [cands[j] for j in window], max_batch=plan.batch_size)
+                    for j, one in zip(window, again):
+                        if reject(one):
+                            seen["fail"] += 1
+                            out[j] = one
+                    if any(out[j] is None for j in window):
+                        break
+                    width *= 2
 
         # one candidate with all n seeds in one unshared forward, against official unblocked deltas: that already
         # is the official layout (per-sample masks multiply by the same values as the official [1, width] one)
@@ -384,9 +408,10 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
 
         full: dict[frozenset, torch.Tensor] = {}  # fast mode: per-seed scores of sets scored on all kept seeds
 
-        def score(cands: Sequence[Lists], reject=None, near=None, guess=None, seeds=None) -> list[torch.Tensor]:
+        def score(cands: Sequence[Lists], reject=None, near=None, guess=None, seeds=None,
+                  probe=None) -> list[torch.Tensor]:
             if seeds is not None:  # fast mode's screening seeds: no official layout to match
-                return shared(cands, reject, guess, seeds)
+                return shared(cands, reject, guess, seeds, probe)
             if independent:  # e.g. the initial set, scored in initial selection, is scored again to pick a screen
                 keys = [_as_set(c) for c in cands]
                 known = [full.get(k) for k in keys]

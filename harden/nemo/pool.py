@@ -9,8 +9,9 @@ sequential search makes.
 How: each prompt runs in a worker thread against a `PooledScorer`, whose forwards are requests to a
 `ForwardPool`. The pool runs one shared forward when every worker that still has work is waiting on a request, so
 a batch always holds exactly one request per active worker, in worker order: its layout does not depend on thread
-timing. Between forwards only one thing runs at a time per worker (MS-SSIM, the search logic), and no forward runs
-while any worker computes, so forward hooks never overlap.
+timing. Between forwards only one thing runs at a time per worker (the search logic), and no forward runs while any
+worker computes, so forward hooks never overlap. Requests that compare their deltas with reference deltas
+(`NoiseDiffScorer.compare`) get their MS-SSIM from the pool too, all of a forward's in one call.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from .batching import auto_batch_size, prompt_workers
-from .score import ForwardCounter, NoiseDiffScorer
+from .score import ForwardCounter, NoiseDiffScorer, ms_ssim_groups
 
 T = TypeVar("T")
 
@@ -33,6 +34,8 @@ class _Request:
     seeds: torch.Tensor
     masks: dict[str, torch.Tensor] | None
     solo: bool = False
+    against: torch.Tensor | None = None  # set: `out` is MS-SSIM with these rows in groups of `sizes`, not deltas
+    sizes: Sequence[int] = ()
     out: torch.Tensor | None = None
     forwards: int = 0
     error: BaseException | None = None
@@ -51,10 +54,12 @@ class ForwardPool:
         self.cv = threading.Condition()
 
     def submit(self, worker: int, embeds: torch.Tensor, seeds: torch.Tensor, masks: dict[str, torch.Tensor] | None,
-               solo: bool = False) -> tuple[torch.Tensor, int]:
-        """Block until the forward that includes this request ran -> (its deltas, forwards it took part in).
-        A `solo` request gets a forward of its own (a layout that does not depend on the other prompts)."""
-        req = _Request(embeds, seeds, masks, solo)
+               solo: bool = False, against: torch.Tensor | None = None,
+               sizes: Sequence[int] = ()) -> tuple[torch.Tensor, int]:
+        """Block until the forward that includes this request ran -> (its deltas, or with `against` their MS-SSIM
+        with its rows in groups of `sizes`; forwards it took part in). A `solo` request gets a forward of its own
+        (a layout that does not depend on the other prompts)."""
+        req = _Request(embeds, seeds, masks, solo, against, sizes)
         with self.cv:
             self.pending[worker] = req
             self._flush_if_ready()
@@ -95,8 +100,16 @@ class ForwardPool:
         sizes = [len(r.seeds) for r in reqs]
         deltas = self.scorer.noise_diff(torch.cat([r.embeds for r in reqs]), torch.cat([r.seeds for r in reqs]),
                                         _merge_masks(reqs, self.scorer.widths), chunk)
+        parts = list(deltas.split(sizes))
+        compared = [i for i, r in enumerate(reqs) if r.against is not None]
+        if compared:  # every prompt's MS-SSIM of this forward in one call: its fixed cost is paid once
+            sims = ms_ssim_groups(torch.cat([reqs[i].against for i in compared]),
+                                  torch.cat([parts[i] for i in compared]),
+                                  [k for i in compared for k in reqs[i].sizes], self.scorer.settings)
+            for i, sim in zip(compared, sims.split([sizes[i] for i in compared])):
+                parts[i] = sim
         start = 0
-        for r, part, n in zip(reqs, deltas.split(sizes), sizes):
+        for r, part, n in zip(reqs, parts, sizes):
             r.out = part
             r.forwards = (start + n - 1) // chunk - start // chunk + 1 if n else 0
             start += n
@@ -127,6 +140,12 @@ class PooledScorer(NoiseDiffScorer):
 
     def noise_diff(self, embeds, seeds, masks=None, max_batch=None, solo=False):
         out, forwards = self.pool.submit(self.worker, embeds, seeds, masks, solo)
+        self.counter.unet_forwards += forwards
+        self.counter.sample_forwards += len(seeds)
+        return out
+
+    def compare(self, embeds, seeds, masks, against, sizes, max_batch=None):
+        out, forwards = self.pool.submit(self.worker, embeds, seeds, masks, against=against, sizes=sizes)
         self.counter.unet_forwards += forwards
         self.counter.sample_forwards += len(seeds)
         return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional import multiscale_structural_similarity_index_measure
 
 from ..errors import BadInputError
@@ -37,6 +38,22 @@ class ScoreSettings:
     fp16_autocast: bool = True  # on CUDA only, as the official code; CPU runs in the UNet's dtype
 
 
+_GAUSSIAN_PAD = 5  # (11 - 1) / 2: torchmetrics' Gaussian window for sigma 1.5
+_K1, _K2 = 0.01, 0.03  # SSIM's stabilizing constants (torchmetrics' defaults)
+
+
+def check_ms_ssim_size(size: Sequence[int], settings: ScoreSettings) -> None:
+    """Raise BadInputError where torchmetrics' MS-SSIM would fail on latents of this (height, width)."""
+    scales = len(settings.betas)
+    side = min(size)
+    need = (settings.kernel_size - 1) * 2 ** (scales - 1)
+    if side <= need or side // 2 ** (scales - 1) <= _GAUSSIAN_PAD:
+        raise BadInputError(
+            f"latents of {tuple(size)} are too small for {scales}-scale MS-SSIM (need more than "
+            f"{need} pixels per side and more than {_GAUSSIAN_PAD} at the coarsest scale)",
+            "use a larger sample size, or fewer betas (scales) in the detection settings")
+
+
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
     """Per-pair MS-SSIM [N]. torchmetrics' data_range=None rule (max-min over the whole batch) is kept on purpose.
 
@@ -44,19 +61,64 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, settings: ScoreSettings) -> torch.
     `kernel_size` only in its minimum-size check; so the latents need both that size and a coarsest scale wider
     than the window's 5-pixel reflect padding.
     """
-    scales = len(settings.betas)
-    side = min(a.shape[-2:])
-    need = (settings.kernel_size - 1) * 2 ** (scales - 1)
-    if side <= need or side // 2 ** (scales - 1) <= _GAUSSIAN_PAD:
-        raise BadInputError(
-            f"latents of {tuple(a.shape[-2:])} are too small for {scales}-scale MS-SSIM (need more than "
-            f"{need} pixels per side and more than {_GAUSSIAN_PAD} at the coarsest scale)",
-            "use a larger sample size, or fewer betas (scales) in the detection settings")
+    check_ms_ssim_size(a.shape[-2:], settings)
     return multiscale_structural_similarity_index_measure(
         a.float(), b.float(), reduction="none", kernel_size=settings.kernel_size, betas=tuple(settings.betas))
 
 
-_GAUSSIAN_PAD = 5  # (11 - 1) / 2: torchmetrics' Gaussian window for sigma 1.5
+def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torchmetrics' depthwise 11x11 Gaussian window (sigma 1.5) [channels, 1, 11, 11], built the same way."""
+    size = 2 * _GAUSSIAN_PAD + 1
+    dist = torch.arange((1 - size) / 2, (1 + size) / 2, 1, dtype=dtype, device=device)
+    g = torch.exp(-torch.pow(dist / 1.5, 2) / 2)
+    g = (g / g.sum()).unsqueeze(0)
+    return torch.matmul(g.t(), g).expand(channels, 1, size, size)
+
+
+def ms_ssim_groups(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], settings: ScoreSettings) -> torch.Tensor:
+    """Per-pair MS-SSIM [N] of consecutive groups of pairs (`sizes`, summing to N) in one pass: what one `ms_ssim`
+    call per group returns, each group with its own data range at every scale (torchmetrics' data_range=None rule).
+
+    Why: a search scores many candidates, each against its own kept seeds; one torchmetrics call per candidate
+    costs about a millisecond of fixed overhead on the CPU, as much as the UNet spends on a sample. Same formula as
+    torchmetrics (Gaussian window, reflect padding, ReLU-normalized terms, last scale's SSIM, contrast terms
+    elsewhere); equal to the per-group calls to float rounding.
+    """
+    check_ms_ssim_size(a.shape[-2:], settings)
+    a, b = a.float(), b.float()
+    n, channels = a.shape[:2]
+    if b.shape != a.shape or any(k < 1 for k in sizes) or sum(sizes) != n:
+        raise ValueError(f"groups of {list(sizes)} pairs do not split {n} pairs of {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=a.device),
+                                    torch.as_tensor(list(sizes), device=a.device))
+    window, p = _gaussian_window(channels, a.dtype, a.device), _GAUSSIAN_PAD
+
+    def span(x: torch.Tensor) -> torch.Tensor:  # per group max - min, one value per pair [n, 1, 1, 1]
+        flat = x.reshape(n, -1)
+        hi = flat.new_full((len(sizes),), -torch.inf).scatter_reduce(0, group, flat.amax(1), "amax")
+        lo = flat.new_full((len(sizes),), torch.inf).scatter_reduce(0, group, flat.amin(1), "amin")
+        return (hi - lo)[group].view(n, 1, 1, 1)
+
+    terms = []
+    for scale in range(len(settings.betas)):
+        data_range = torch.maximum(span(a), span(b))
+        c1, c2 = torch.pow(_K1 * data_range, 2), torch.pow(_K2 * data_range, 2)
+        pa, pb = (F.pad(x, (p, p, p, p), mode="reflect") for x in (a, b))
+        mu_a, mu_b, aa, bb, ab = F.conv2d(torch.cat((pa, pb, pa * pa, pb * pb, pa * pb)), window,
+                                          groups=channels).split(n)
+        mu_aa, mu_bb, mu_ab = mu_a.pow(2), mu_b.pow(2), mu_a * mu_b
+        upper = 2 * (ab - mu_ab) + c2
+        lower = torch.clamp(aa - mu_aa, min=0.0) + torch.clamp(bb - mu_bb, min=0.0) + c2
+        if scale == len(settings.betas) - 1:
+            ssim = ((2 * mu_ab + c1) * upper) / ((mu_aa + mu_bb + c1) * lower)
+            terms.append(torch.relu(ssim.reshape(n, -1).mean(-1)))
+        else:
+            cs = (upper / lower)[..., p:-p, p:-p]
+            terms.append(torch.relu(cs.reshape(n, -1).mean(-1)))
+            a, b = F.avg_pool2d(a, (2, 2)), F.avg_pool2d(b, (2, 2))
+    betas = torch.tensor(settings.betas, device=a.device).view(-1, 1)
+    return torch.prod(torch.stack(terms) ** betas, dim=0)
 
 
 def normalize(delta: torch.Tensor) -> torch.Tensor:
@@ -178,9 +240,15 @@ class NoiseDiffScorer:
             return []
         k = len(kept)
         seeds = kept.repeat(len(candidates))
-        deltas = self.noise_diff(embed.expand(len(seeds), -1, -1), seeds, self.candidate_masks(candidates, k),
-                                 max_batch)
-        return [ms_ssim(reference, deltas[i * k:(i + 1) * k], self.settings) for i in range(len(candidates))]
+        scores = self.compare(embed.expand(len(seeds), -1, -1), seeds, self.candidate_masks(candidates, k),
+                              reference.repeat(len(candidates), 1, 1, 1), [k] * len(candidates), max_batch)
+        return list(scores.split(k))
+
+    def compare(self, embeds: torch.Tensor, seeds: torch.Tensor, masks: dict[str, torch.Tensor] | None,
+                against: torch.Tensor, sizes: Sequence[int], max_batch: int | None = None) -> torch.Tensor:
+        """MS-SSIM of each sample's delta (`noise_diff`) with its row of `against`, in MS-SSIM batches of `sizes`
+        consecutive samples [samples]. A pooled scorer scores all prompts' samples of a forward in one call."""
+        return ms_ssim_groups(against, self.noise_diff(embeds, seeds, masks, max_batch), sizes, self.settings)
 
 
 def max_pairwise_scores(scorer: NoiseDiffScorer, embeds: torch.Tensor,
