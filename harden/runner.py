@@ -295,10 +295,12 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
 
     stats = NeuronStats.from_tensors(load_file(str(run.folder.file("calibrate", "stats.safetensors"))))
     settings, scorer = localize_settings(run), run.scorer()
-    localize = _localizer(run, mode)
     cached = run.folder.file("detect", UNBLOCKED_FILE)
     unblocked = safe_open(str(cached), "pt") if cached.exists() else None
     device = next(scorer.unet.parameters()).device
+    early = early_rejection(run.recipe.localization.early_reject, device, mode == "fast")
+    localize = _localizer(run, mode, early)
+    run.ui.log(f"{label}: {mode} mode on {device.type}, early rejection {'on' if early else 'off'}")
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
     todo = [i for i in wanted if not run.folder.file("localize", sub, f"{i:06d}.json").exists()]
     reading = threading.Lock()  # the text encoder and the cached-deltas file serve one worker at a time
@@ -326,7 +328,7 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
             nonlocal done_here
             index, (result, seconds) = todo[position], found
             run.folder.write_json(f"localize/{sub}/{index:06d}.json",
-                                  {"index": index, **result.to_json(), "seconds": seconds})
+                                  {"index": index, **result.to_json(), "seconds": seconds, "early_reject": early})
             run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
             advance(1)
             done_here += 1
@@ -338,7 +340,7 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
     run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
 
 
-def _localizer(run: Run, mode: str):
+def _localizer(run: Run, mode: str, early_reject: bool):
     """localize_prompt (exact, the official algorithm) or localize_prompt_fast (search), with batching."""
     from .nemo.fast import localize_prompt_fast
 
@@ -346,8 +348,7 @@ def _localizer(run: Run, mode: str):
     fn = localize_prompt if mode == "exact" else localize_prompt_fast
     return lambda scorer, embed, acts, stats, settings, prompt, unblocked: fn(
         scorer, embed, acts, stats, settings, prompt, loc.speculate, refine_block=loc.refine_block,
-        batch_size=loc.batch_size, unblocked=unblocked,
-        early_reject=early_rejection(loc.early_reject, next(scorer.unet.parameters()).device, mode == "fast"))
+        batch_size=loc.batch_size, unblocked=unblocked, early_reject=early_reject)
 
 
 def load_results(folder: RunFolder, sub: str = "prompts") -> list[tuple[int, PromptResult]]:
@@ -357,6 +358,7 @@ def load_results(folder: RunFolder, sub: str = "prompts") -> list[tuple[int, Pro
         data = json.loads(path.read_text())
         index = data.pop("index")
         data.pop("seconds", None)
+        data.pop("early_reject", None)  # how it was searched, not part of the result
         out.append((index, PromptResult.from_json(data)))
     return out
 

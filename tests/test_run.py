@@ -49,6 +49,7 @@ def test_every_stage_leaves_its_artifact(workspace):
     deltas = load_file(str(run / "detect/unblocked.safetensors"))  # reused by localization: no unblocked pass there
     assert sorted(deltas) == ["0", "1", "2"] and deltas["0"].shape[0] == 6
     first = _json(run / "localize/prompts/000000.json")
+    assert first["early_reject"] is False  # the recipe's choice, recorded with each result
     assert first["sample_forwards"] == first["unet_forwards"] * len(first["kept_seeds"])  # blocked passes only
     detection = _json(run / "detect/detection.json")
     flags = [p["memorized"] for p in detection["prompts"]]
