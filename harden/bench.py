@@ -31,6 +31,7 @@ from .targets import latent_size as native_latent_size, resolve_targets
 MEMORIZER = Path(__file__).parent / "zoo" / "memorizer"
 MODES = ("reference", "exact", "fast")
 CROSS_ATTENTION_GAIN = 10.0
+PLANT_OUT_GAIN = 100.0  # norm of a planted neuron's to_out column (harden.tiny's planted model uses the same)
 SD14 = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
             layers_per_block=2)  # SD v1.4's UNet config (diffusers' defaults give its block types)
 
@@ -173,6 +174,30 @@ def amplify_cross_attention(targets, gain: float = CROSS_ATTENTION_GAIN) -> None
         t.to_out.weight *= gain
 
 
+@torch.no_grad()
+def plant_value_neurons(targets, embed: torch.Tensor, refs: torch.Tensor, channels: dict[str, int],
+                        out_gain: float = PLANT_OUT_GAIN) -> None:
+    """Wire one value neuron in each named layer to fire for `embed` [1, tokens, dim] and to matter.
+
+    Why: in a random SD-sized UNet one value channel carries about 1/320 of its layer's signal, so dropping any one
+    from a blocked set moves the score by 1e-5 to 5e-5, inside fast mode's 1e-4 margin from its threshold (it then
+    keeps its initial set). A planted neuron (to_v row C_ref^-1 m, as `harden.tiny.plant_memorization`: it fires
+    far more for this prompt than for the references, so top-k selects it; a large to_out column) moves the score
+    far more when it is dropped, and the forced thresholds fall in the gap between planted and other drops.
+    """
+    tokens = refs.reshape(-1, refs.shape[-1]).float()
+    second = tokens.T @ tokens / len(tokens) + 1e-3 * torch.eye(tokens.shape[1])
+    w = torch.linalg.solve(second, embed[0].float().mean(0))
+    g = torch.Generator().manual_seed(3)
+    for t in targets:
+        if t.name not in channels:
+            continue
+        c = channels[t.name]
+        t.to_v.weight[c] = (w / (refs.float() @ w).abs().mean()).to(t.to_v.weight)
+        direction = torch.randn(t.to_out.out_features, generator=g)
+        t.to_out.weight[:, c] = (out_gain * direction / direction.norm()).to(t.to_out.weight)
+
+
 def sd14_workload(n_prompts: int, seeds: int, latent_size: int, iterations: int, device) -> Workload:
     """An SD-v1.4-shaped UNet with random weights, random CLIP-sized embeddings and the forced search path."""
     from diffusers import UNet2DConditionModel
@@ -185,18 +210,22 @@ def sd14_workload(n_prompts: int, seeds: int, latent_size: int, iterations: int,
     settings = ScoreSettings(n_seeds=seeds, kernel_size=kernel_for(latent_size), seed_threshold=-1.0)
     g = torch.Generator().manual_seed(1)
     refs = torch.randn(64, 77, 768, generator=g)
+    embeds = [torch.randn(1, 77, 768, generator=g) for _ in range(n_prompts or 1)]
+    for embed in embeds:  # every other layer, a random channel: about 1 in 4 of the forced initial sets
+        planted = {t.name: int(torch.randint(t.width, (1,), generator=g)) for t in targets[::2]}
+        plant_value_neurons(targets, embed, refs, planted)  # CPU math, written into the weights on `device`
     stats = _timed(seconds, "calibration", lambda: compute_stats(iter(refs.split(16)), targets))
     scorer = NoiseDiffScorer(unet, targets, 961, settings)
     prompts = []
     start = time.perf_counter()
-    for i in range(n_prompts or 1):
-        embed = torch.randn(1, 77, 768, generator=g)
+    for i, embed in enumerate(embeds):
         acts = _acts(embed, targets)
         prompts.append((f"random prompt {i}", embed, acts, forced_settings(scorer, embed, acts, stats, iterations)))
     seconds["probe_thresholds"] = round(time.perf_counter() - start, 3)
     notes = [f"SD-v1.4-shaped UNet, random weights, {latent_size}x{latent_size} latents, {seeds} seeds all kept, "
              f"forced path: {iterations} initial iterations (top-k only), tau_refine set so ~75% of single drops pass, "
-             f"cross-attention outputs x{CROSS_ATTENTION_GAIN:g} so that blocking matters beyond float noise"]
+             f"cross-attention outputs x{CROSS_ATTENTION_GAIN:g}, one value neuron planted per prompt in every other "
+             f"layer (to_out column norm {PLANT_OUT_GAIN:g}) so that blocking matters beyond float noise"]
     return Workload("sd14-random", settings, unet, 961, stats, prompts, notes, seconds)
 
 

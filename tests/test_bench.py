@@ -56,3 +56,26 @@ def test_bench_refuses_bad_options(tmp_path):
     assert out.exit_code == 2 and "model_index.json" in out.output
     out = runner.invoke(app, ["bench", "--model", "planted", "--modes", "exact,slow"])
     assert out.exit_code == 2 and "slow" in out.output
+
+
+def test_a_planted_value_neuron_is_selected_for_its_prompt_and_moves_the_score():
+    """sd14-random plants neurons so that single drops matter beyond fast mode's 1e-4 margin: the planted channel
+    must be the prompt's top activation in its layer (top-k selects it) and blocking it must move the score far
+    more than blocking the same channel did before planting."""
+    from micro_model import micro_model
+
+    from harden.bench import _acts, plant_value_neurons
+    from harden.nemo.score import NoiseDiffScorer
+
+    unet, targets, _, settings, g = micro_model()
+    refs, embed = torch.randn(32, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    scorer, kept, layer = NoiseDiffScorer(unet, targets, 961, settings), torch.arange(4), targets[0].name
+
+    def effect() -> float:  # 1 - score of blocking channel 3 alone: how far it moves the output
+        return 1 - float(scorer.blocked_scores(embed, kept, scorer.unblocked(embed), [{layer: [3]}])[0].max())
+
+    before = effect()
+    plant_value_neurons(targets, embed, refs, {layer: 3})
+    assert int(_acts(embed, targets)[layer].argmax()) == 3
+    after = effect()
+    assert after > max(1e-3, 10 * before)
