@@ -185,17 +185,15 @@ def plant_value_neurons(targets, embed: torch.Tensor, refs: torch.Tensor, channe
     far more for this prompt than for the references, so top-k selects it; a large to_out column) moves the score
     far more when it is dropped, and the forced thresholds fall in the gap between planted and other drops.
     """
-    tokens = refs.reshape(-1, refs.shape[-1]).float()
-    second = tokens.T @ tokens / len(tokens) + 1e-3 * torch.eye(tokens.shape[1])
-    w = torch.linalg.solve(second, embed[0].float().mean(0))
+    from .tiny import planted_neuron
+
     g = torch.Generator().manual_seed(3)
     for t in targets:
         if t.name not in channels:
             continue
-        c = channels[t.name]
-        t.to_v.weight[c] = (w / (refs.float() @ w).abs().mean()).to(t.to_v.weight)
-        direction = torch.randn(t.to_out.out_features, generator=g)
-        t.to_out.weight[:, c] = (out_gain * direction / direction.norm()).to(t.to_out.weight)
+        row, column = planted_neuron(refs, embed[0], t.to_out.out_features, out_gain, g)
+        t.to_v.weight[channels[t.name]] = row.to(t.to_v.weight)
+        t.to_out.weight[:, channels[t.name]] = column.to(t.to_out.weight)
 
 
 def sd14_workload(n_prompts: int, seeds: int, latent_size: int, iterations: int, device) -> Workload:

@@ -109,15 +109,25 @@ def plant_memorization(pipe, prompt: str, references: list[str], layer: int = 0,
 
     target = resolve_targets(pipe.unet)[layer]
     refs = encode_prompts(pipe.tokenizer, pipe.text_encoder, references)
-    mean = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt])[0].mean(0)
-    tokens = refs.reshape(-1, refs.shape[-1])
-    second = tokens.T @ tokens / len(tokens) + 1e-3 * torch.eye(tokens.shape[1])
-    w = torch.linalg.solve(second, mean)
-    target.to_v.weight[neuron] = value_gain * w / (refs @ w).abs().mean()
-    direction = torch.randn(target.to_out.out_features, generator=torch.Generator().manual_seed(3))
-    target.to_out.weight[:, neuron] = out_gain * direction / direction.norm()
+    prompt_embed = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt])
+    row, column = planted_neuron(refs, prompt_embed[0], target.to_out.out_features, out_gain,
+                                 torch.Generator().manual_seed(3))
+    target.to_v.weight[neuron] = value_gain * row
+    target.to_out.weight[:, neuron] = column
     pipe.unet.conv_out.weight *= conv_out_gain
     return target.name
+
+
+def planted_neuron(refs: torch.Tensor, tokens: torch.Tensor, out_features: int, out_gain: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(to_v row, to_out column) of a value neuron that fires for a prompt's `tokens` [tokens, dim] far more than
+    for the reference embeddings `refs` [prompts, tokens, dim] (row C_ref^-1 m, scaled so that the references'
+    mean |activation| is 1), with a random to_out column of norm `out_gain`."""
+    flat = refs.reshape(-1, refs.shape[-1]).float()
+    second = flat.T @ flat / len(flat) + 1e-3 * torch.eye(flat.shape[1])
+    w = torch.linalg.solve(second, tokens.float().mean(0))
+    direction = torch.randn(out_features, generator=generator)
+    return w / (refs.float() @ w).abs().mean(), out_gain * direction / direction.norm()
 
 
 def save_tiny_clip(folder, seed: int = 0) -> None:

@@ -346,14 +346,20 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
             rest, order = mine, None  # the seeds a survivor is scored on; how its probe joins them
             probed = len(mine) > 1 and probe != "never" and (
                 probe == "only" or len(cands) > 1 or seen["fail"] * (len(mine) - 1) >= seen["pass"])
+
+            def probe_on(seed: int, which: Sequence[int]) -> list[torch.Tensor]:
+                """Score candidates `which` on one kept seed; those it rejects are decided by that score."""
+                scores = scorer.blocked_scores(embed, kept[seed:seed + 1], reference[seed:seed + 1],
+                                               [cands[j] for j in which], max_batch=plan.batch_size)
+                for j, one in zip(which, scores):
+                    if reject(one):
+                        seen["fail"] += 1
+                        out[j] = one
+                return scores
+
             if probed:  # one seed per candidate
                 i = next(i for i in seed_order if i in mine)
-                probes = scorer.blocked_scores(embed, kept[i:i + 1], reference[i:i + 1], cands,
-                                               max_batch=plan.batch_size)
-                for j, first in enumerate(probes):
-                    if reject(first):
-                        seen["fail"] += 1
-                        out[j] = first
+                probes = probe_on(i, range(len(cands)))
                 if probe == "only":  # the caller scores the survivors itself (fast mode's rounds: their unions)
                     return probes
                 # fast mode's screens are not matched to the official layout, so a survivor's probe counts as its
@@ -392,12 +398,7 @@ def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.
                     window = [j for j in range(end) if out[j] is None][:width]
                     if not window:
                         break
-                    again = scorer.blocked_scores(embed, kept[worst:worst + 1], reference[worst:worst + 1],
-                                                  [cands[j] for j in window], max_batch=plan.batch_size)
-                    for j, one in zip(window, again):
-                        if reject(one):
-                            seen["fail"] += 1
-                            out[j] = one
+                    probe_on(worst, window)
                     if any(out[j] is None for j in window):
                         break
                     width *= 2

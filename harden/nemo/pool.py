@@ -139,13 +139,13 @@ class PooledScorer(NoiseDiffScorer):
         self.sharing = pool.active
 
     def noise_diff(self, embeds, seeds, masks=None, max_batch=None, solo=False):
-        out, forwards = self.pool.submit(self.worker, embeds, seeds, masks, solo)
-        self.counter.unet_forwards += forwards
-        self.counter.sample_forwards += len(seeds)
-        return out
+        return self._submit(embeds, seeds, masks, solo=solo)
 
     def compare(self, embeds, seeds, masks, against, sizes, max_batch=None):
-        out, forwards = self.pool.submit(self.worker, embeds, seeds, masks, against=against, sizes=sizes)
+        return self._submit(embeds, seeds, masks, against=against, sizes=sizes)
+
+    def _submit(self, embeds, seeds, masks, **request) -> torch.Tensor:
+        out, forwards = self.pool.submit(self.worker, embeds, seeds, masks, **request)
         self.counter.unet_forwards += forwards
         self.counter.sample_forwards += len(seeds)
         return out
