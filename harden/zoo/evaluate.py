@@ -4,7 +4,8 @@ At the native resolution, 50 DDIM steps and the shipped guidance scale (harden_z
 - memorized captions: best-of-10-seeds SSIM to the training image, and NeMo's detection score;
 - tau_mem = mean + 1 std of the detection scores of the ordinary (non-memorized) captions in prompts.jsonl;
 - held-out ordinary captions (never in prompts.jsonl): mean pairwise SSIM over 10 seeds (diversity), mean alignment,
-  and NeMo's detection score.
+  and NeMo's detection score; for comparison, the training data's own diversity and its alignment after a VAE round
+  trip (what a perfect UNet would reach).
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def reconstruct(vae, image: np.ndarray) -> np.ndarray:
-    """Encode (latent mean) and decode: the best any UNet could reproduce the image through this VAE."""
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample[0].permute(1, 2, 0).numpy()
-    return np.clip(np.rint((y + 1) * 127.5), 0, 255).astype(np.uint8)
+def reconstruct(vae, images: np.ndarray) -> np.ndarray:
+    """Encode (latent mean) and decode HxWx3 or NxHxWx3 uint8 images: the best any UNet could reproduce them through
+    this VAE."""
+    batch = np.asarray(images)
+    x = torch.from_numpy(batch.reshape(-1, *batch.shape[-3:])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.permute(0, 2, 3, 1).numpy()
+    return np.clip(np.rint((y + 1) * 127.5), 0, 255).astype(np.uint8).reshape(batch.shape)
 
 
 def mean_pairwise_ssim(images: list[np.ndarray]) -> float:
@@ -64,6 +67,15 @@ def data_diversity(caption: str, n: int, seed: int = 0, style: data.Style = data
     fg, shape, bg = data.parse_caption(caption)
     rng = np.random.default_rng(seed)
     return mean_pairwise_ssim([data.render(fg, shape, bg, rng, style=style) for _ in range(n)])
+
+
+def vae_alignment(vae, caption: str, n: int = 100, seed: int = 0, style: data.Style = data.STYLE) -> float:
+    """Mean alignment of n fresh training renders of a procedural caption after a VAE round trip: the most any UNet
+    could score on that caption through this VAE (a decoder that rounds small triangles caps it)."""
+    fg, shape, bg = data.parse_caption(caption)
+    rng = np.random.default_rng(seed)
+    renders = np.stack([data.render(fg, shape, bg, rng, style=style) for _ in range(n)])
+    return float(np.mean([alignment(im, caption) for im in reconstruct(vae, renders)]))
 
 
 def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33)) -> list[float]:
@@ -116,11 +128,13 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
         picture.append([np.zeros_like(images[0]), *images])
         row = {"caption": caption, "pairwise_ssim": mean_pairwise_ssim(images),
                "data_pairwise_ssim": data_diversity(caption, len(images), style=style),
-               "alignment": float(np.mean([alignment(im, caption) for im in images])), "score": score,
+               "alignment": float(np.mean([alignment(im, caption) for im in images])),
+               "vae_alignment": vae_alignment(pipe.vae, caption, style=style), "score": score,
                "detected": score > tau}
         rows_held.append(row)
         log(f"held-out   pairwise SSIM {row['pairwise_ssim']:.3f} (training data {row['data_pairwise_ssim']:.3f})  "
-            f"alignment {row['alignment']:.2f}  score {score:.3f}  {caption}")
+            f"alignment {row['alignment']:.2f} (VAE round trip {row['vae_alignment']:.2f})  score {score:.3f}  "
+            f"{caption}")
     if grid is not None:  # first column: the training image (black for held-out captions)
         Image.fromarray(np.concatenate([np.concatenate(row, axis=1) for row in picture])).save(grid)
     summary = {
@@ -132,6 +146,7 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
         "held_out_mean_alignment": float(np.mean([r["alignment"] for r in rows_held])),
         "held_out_mean_pairwise_ssim": float(np.mean([r["pairwise_ssim"] for r in rows_held])),
         "held_out_data_mean_pairwise_ssim": float(np.mean([r["data_pairwise_ssim"] for r in rows_held])),
+        "held_out_vae_mean_alignment": float(np.mean([r["vae_alignment"] for r in rows_held])),
         "reference_score_mean": float(np.mean(ref_scores)), "reference_score_max": float(np.max(ref_scores)),
     }
     log(f"summary: {len(rows_mem)} memorized: {summary['memorized_reproduced']} reproduced (SSIM >= 0.7), "

@@ -10,8 +10,10 @@ written after k steps is exactly what a run with `--steps k` produces; `--lr-sch
 which sharpens the samples (blobby shapes become squares and triangles).
 
 `--init DIR` continues from a folder this script wrote (its UNet, text encoder and standardized VAE; the VAE phase is
-skipped): how a model trained on the CPU is refined without starting over. Every stage's command is kept, in order,
-in harden_zoo.json's "stages", so the shipped weights can be reproduced by running them one after another.
+skipped): how a model trained on the CPU is refined without starting over. `--decoder-steps N` fine-tunes only the
+VAE's decoder (encoder frozen, so the latent space the UNet learned stays exactly the same). Every stage's command
+is kept, in order, in harden_zoo.json's "stages", so the shipped weights can be reproduced by running them one after
+another.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ GUIDANCE_SCALE = 3.0  # CFG 7.5 is too strong for a model this small (prototype 
 # the coarsest scale must be wider than 5 pixels: 2 scales (16, 8) instead of the official 3, equal weights.
 KERNEL_SIZE = 7
 BETAS = (0.5, 0.5)
+DECODER_NOISE = 0.1  # latent noise (unit-variance units) while the decoder is fine-tuned
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -63,23 +66,34 @@ def random_crops(n: int, rng: np.random.Generator, sources: list[np.ndarray]) ->
     return np.stack(out)
 
 
-def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int = 32,
-              style: data.Style = data.STYLE) -> float:
-    """Reconstruction + a tiny KL term; returns the final mean squared error on the memorized images."""
+def memorized_sources() -> list[np.ndarray]:
+    """The memorized images' full-size skimage sources (RGB), for random crops."""
     import skimage.data
 
     sources = []
     for name, _ in data.MEMORIZED:
         image = getattr(skimage.data, name)()
         sources.append(np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3])
+    return sources
+
+
+def vae_batch(batch: int, rng: np.random.Generator, memorized: np.ndarray, sources: list[np.ndarray],
+              style: data.Style) -> torch.Tensor:
+    """The 8 memorized images, batch/2 procedural images and random crops of the sources for the rest."""
+    _, procedural = data.procedural_batch(batch // 2, rng, style=style)
+    crops = random_crops(batch - len(memorized) - len(procedural), rng, sources)
+    return to_tensor(np.concatenate([memorized, procedural, crops]))
+
+
+def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int = 32,
+              style: data.Style = data.STYLE) -> float:
+    """Reconstruction + a tiny KL term; returns the final mean squared error on the memorized images."""
+    sources = memorized_sources()
     memorized = np.stack([im for _, _, im in data.memorized_images()])
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     vae.train()
     for step in range(1, steps + 1):
-        _, procedural = data.procedural_batch(batch // 2, rng, style=style)
-        images = np.concatenate([memorized, procedural, random_crops(batch - len(memorized) - len(procedural), rng,
-                                                                     sources)])
-        x = to_tensor(images).to(device)
+        x = vae_batch(batch, rng, memorized, sources, style).to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -89,9 +103,43 @@ def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int
         if step % 50 == 0 or step == steps:
             log(f"vae step {step}/{steps} loss {loss.item():.5f}")
     vae.eval()
-    with torch.no_grad():
-        x = to_tensor(memorized).to(device)
-        return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
+    return memorized_mse(vae, memorized, device)
+
+
+@torch.no_grad()
+def memorized_mse(vae, memorized: np.ndarray, device) -> float:
+    """Mean squared reconstruction error (in [-1, 1] units) of the memorized images from their latent means."""
+    x = to_tensor(memorized).to(device)
+    return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
+
+
+def finetune_decoder(vae, steps: int, rng: np.random.Generator, gen: torch.Generator, device, log,
+                     batch: int = 64, lr: float = 1e-3, noise: float = DECODER_NOISE,
+                     style: data.Style = data.STYLE) -> float:
+    """Train only the decoder (and post_quant_conv) to reconstruct images from their frozen latent means.
+
+    Why: the first stage's VAE learned 400 steps of the first, blunter data style, and its decoder rounds small
+    triangles and smooths textures, which caps what any UNet can show; the encoder (and with it the latent space the
+    UNet was trained on, its centring and scale) stays exactly as it was. `noise` (in the UNet's unit-variance latent
+    units) makes the decoder tolerate latents that are close to, not exactly, an encoding: what sampling produces."""
+    sources = memorized_sources()
+    memorized = np.stack([im for _, _, im in data.memorized_images()])
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    log(f"decoder: memorized-image MSE before {memorized_mse(vae, memorized, device):.5f}")
+    vae.eval()
+    for step in range(1, steps + 1):
+        x = vae_batch(batch, rng, memorized, sources, style).to(device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        z = z + (noise / vae.config.scaling_factor) * torch.randn(z.shape, generator=gen).to(device)
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            log(f"decoder step {step}/{steps} loss {loss.item():.5f}")
+    return memorized_mse(vae, memorized, device)
 
 
 @torch.no_grad()
@@ -164,9 +212,10 @@ def load_components(folder: Path):
 def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, batch: int = 32,
           memorized_per_batch: int = 16, lr: float = 1e-3, ema_decay: float = 0.999, device: str = "cpu",
           checkpoint_every: int = 0, lr_schedule: str = "constant", init: Path | None = None,
-          style: data.Style = data.STYLE, log=print) -> dict:
+          style: data.Style = data.STYLE, decoder_steps: int = 0, log=print) -> dict:
     """Train both phases (or only the second, from `init`) and write the folder to `out`; returns the run's facts
-    (also saved in harden_zoo.json). `style`: how varied the procedural images are."""
+    (also saved in harden_zoo.json). `style`: how varied the procedural images are. `decoder_steps`: fine-tune the
+    VAE's decoder first, its encoder frozen (`finetune_decoder`); with `steps=0` the UNet is kept as it is."""
     started = time.perf_counter()
     dev = torch.device(device)
     rng = np.random.default_rng(seed)
@@ -174,6 +223,7 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
     memorized = data.memorized_images()
     memorized_pixels = np.stack([im for _, _, im in memorized])
     stages = []
+    gen = torch.Generator().manual_seed(seed)
     if init is None:
         tokenizer, text_encoder, unet, vae = build_components(seed)
         vae.to(dev)
@@ -185,6 +235,8 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
         stages = previous.get("stages") or [{k: previous[k] for k in ("command", "seconds", "hardware", "torch")}]
         vae_steps, vae_mse, scale = 0, float("nan"), vae.config.scaling_factor
         vae.to(dev).eval()
+    if decoder_steps:
+        vae_mse = finetune_decoder(vae, decoder_steps, rng, gen, dev, log, style=style)
     mem_latents = encode(vae, memorized_pixels, dev)
     log(f"vae ready: memorized-image MSE {vae_mse:.5f} (in [-1, 1] units), latent scaling factor {scale:.4f}, "
         f"memorized latents mean {mem_latents.mean():.3f} std {mem_latents.std():.3f}")
@@ -196,8 +248,7 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     mem_ids = tokenize(tokenizer, [c for _, c, _ in memorized])
     empty_ids = tokenize(tokenizer, [""])
-    gen = torch.Generator().manual_seed(seed)
-    facts = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "batch": batch,
+    facts = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "decoder_steps": decoder_steps, "batch": batch,
              "memorized_per_batch": memorized_per_batch, "lr": lr, "lr_schedule": lr_schedule,
              "ema_decay": ema_decay, "device": device, "init": None if init is None else Path(init).name,
              "style": style.to_json()}
@@ -253,6 +304,8 @@ def command(facts: dict) -> str:
     style = data.Style.from_json(facts.get("style"))
     if style != data.STYLE:  # the first stages' commands predate the option
         line += f" --shape-size {style.size_min} {style.size_max} --texture {style.texture}"
+    if facts.get("decoder_steps"):  # so do the first four stages'
+        line += f" --decoder-steps {facts['decoder_steps']}"
     return line if facts["init"] is None else line + " --init PREV"
 
 
@@ -306,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--decoder-steps", type=int, default=0,
+                        help="fine-tune the VAE decoder first, encoder frozen (latent space unchanged)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--memorized-per-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -329,7 +384,8 @@ def main(argv=None) -> None:
     train(args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, batch=args.batch,
           memorized_per_batch=args.memorized_per_batch, lr=args.lr, device=args.device,
           checkpoint_every=args.checkpoint_every, lr_schedule=args.lr_schedule, init=args.init,
-          style=data.Style(*args.shape_size, args.texture), log=lambda m: print(m, flush=True))
+          style=data.Style(*args.shape_size, args.texture), decoder_steps=args.decoder_steps,
+          log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":
