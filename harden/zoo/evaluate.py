@@ -51,7 +51,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 def reconstruct(vae, images: np.ndarray) -> np.ndarray:
     """Encode (latent mean) and decode HxWx3 or NxHxWx3 uint8 images: the best any UNet could reproduce them through
     this VAE."""
-    batch = np.asarray(images)
+    batch = np.array(images, dtype=np.uint8)  # a copy: PIL-backed arrays are read-only
     x = torch.from_numpy(batch.reshape(-1, *batch.shape[-3:])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     y = vae.decode(vae.encode(x).latent_dist.mean).sample.permute(0, 2, 3, 1).numpy()
     return np.clip(np.rint((y + 1) * 127.5), 0, 255).astype(np.uint8).reshape(batch.shape)
