@@ -61,21 +61,24 @@ def mean_pairwise_ssim(images: list[np.ndarray]) -> float:
     return float(np.mean([ssim(a, b) for a, b in itertools.combinations(images, 2)]))
 
 
+def data_renders(caption: str, n: int, seed: int = 0, style: data.Style = data.STYLE) -> np.ndarray:
+    """n fresh training renders of a procedural caption [n, H, W, 3] uint8, deterministic from `seed`."""
+    fg, shape, bg = data.parse_caption(caption)
+    rng = np.random.default_rng(seed)
+    return np.stack([data.render(fg, shape, bg, rng, style=style) for _ in range(n)])
+
+
 def data_diversity(caption: str, n: int, seed: int = 0, style: data.Style = data.STYLE) -> float:
     """Mean pairwise SSIM of n fresh training renders of a procedural caption: the diversity the data itself has,
     i.e. what a model that samples its training distribution faithfully would score."""
-    fg, shape, bg = data.parse_caption(caption)
-    rng = np.random.default_rng(seed)
-    return mean_pairwise_ssim([data.render(fg, shape, bg, rng, style=style) for _ in range(n)])
+    return mean_pairwise_ssim(list(data_renders(caption, n, seed, style)))
 
 
 def vae_alignment(vae, caption: str, n: int = 100, seed: int = 0, style: data.Style = data.STYLE) -> float:
     """Mean alignment of n fresh training renders of a procedural caption after a VAE round trip: the most any UNet
     could score on that caption through this VAE (a decoder that rounds small triangles caps it)."""
-    fg, shape, bg = data.parse_caption(caption)
-    rng = np.random.default_rng(seed)
-    renders = np.stack([data.render(fg, shape, bg, rng, style=style) for _ in range(n)])
-    return float(np.mean([alignment(im, caption) for im in reconstruct(vae, renders)]))
+    renders = reconstruct(vae, data_renders(caption, n, seed, style))
+    return float(np.mean([alignment(im, caption) for im in renders]))
 
 
 def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33)) -> list[float]:

@@ -85,11 +85,10 @@ def vae_batch(batch: int, rng: np.random.Generator, memorized: np.ndarray, sourc
     return to_tensor(np.concatenate([memorized, procedural, crops]))
 
 
-def train_vae(vae, steps: int, rng: np.random.Generator, device, log, batch: int = 32,
+def train_vae(vae, steps: int, memorized: np.ndarray, rng: np.random.Generator, device, log, batch: int = 32,
               style: data.Style = data.STYLE) -> float:
-    """Reconstruction + a tiny KL term; returns the final mean squared error on the memorized images."""
+    """Reconstruction + a tiny KL term; returns the final mean squared error on the `memorized` images [8, H, W, 3]."""
     sources = memorized_sources()
-    memorized = np.stack([im for _, _, im in data.memorized_images()])
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     vae.train()
     for step in range(1, steps + 1):
@@ -113,8 +112,8 @@ def memorized_mse(vae, memorized: np.ndarray, device) -> float:
     return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
 
 
-def finetune_decoder(vae, steps: int, rng: np.random.Generator, gen: torch.Generator, device, log,
-                     batch: int = 64, lr: float = 1e-3, noise: float = DECODER_NOISE,
+def finetune_decoder(vae, steps: int, memorized: np.ndarray, rng: np.random.Generator, gen: torch.Generator,
+                     device, log, batch: int = 64, lr: float = 1e-3, noise: float = DECODER_NOISE,
                      style: data.Style = data.STYLE) -> float:
     """Train only the decoder (and post_quant_conv) to reconstruct images from their frozen latent means.
 
@@ -123,7 +122,6 @@ def finetune_decoder(vae, steps: int, rng: np.random.Generator, gen: torch.Gener
     UNet was trained on, its centring and scale) stays exactly as it was. `noise` (in the UNet's unit-variance latent
     units) makes the decoder tolerate latents that are close to, not exactly, an encoding: what sampling produces."""
     sources = memorized_sources()
-    memorized = np.stack([im for _, _, im in data.memorized_images()])
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(params, lr=lr)
     log(f"decoder: memorized-image MSE before {memorized_mse(vae, memorized, device):.5f}")
@@ -227,7 +225,7 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
     if init is None:
         tokenizer, text_encoder, unet, vae = build_components(seed)
         vae.to(dev)
-        vae_mse = train_vae(vae, vae_steps, rng, dev, log, style=style)
+        vae_mse = train_vae(vae, vae_steps, memorized_pixels, rng, dev, log, style=style)
         _, sample = data.procedural_batch(256, rng, style=style)
         scale = standardize_latents(vae, np.concatenate([memorized_pixels, sample]), dev)
     else:
@@ -236,7 +234,7 @@ def train(out: Path, seed: int = 0, steps: int = 5000, vae_steps: int = 400, bat
         vae_steps, vae_mse, scale = 0, float("nan"), vae.config.scaling_factor
         vae.to(dev).eval()
     if decoder_steps:
-        vae_mse = finetune_decoder(vae, decoder_steps, rng, gen, dev, log, style=style)
+        vae_mse = finetune_decoder(vae, decoder_steps, memorized_pixels, rng, gen, dev, log, style=style)
     mem_latents = encode(vae, memorized_pixels, dev)
     log(f"vae ready: memorized-image MSE {vae_mse:.5f} (in [-1, 1] units), latent scaling factor {scale:.4f}, "
         f"memorized latents mean {mem_latents.mean():.3f} std {mem_latents.std():.3f}")
