@@ -212,6 +212,16 @@ def test_training_data_diversity_depends_on_its_style():
     assert mean_pairwise_ssim(mixed) < min(values)
 
 
+def test_rank_test_tells_shifted_scores_from_the_reference():
+    """evaluate's held-out vs reference comparison: same distribution -> large p, shifted -> tiny p."""
+    from harden.zoo.evaluate import rank_test
+
+    rng = np.random.default_rng(0)
+    reference = list(rng.normal(0.5, 0.08, 116))
+    assert rank_test(list(rng.normal(0.5, 0.08, 10)), reference) > 0.05
+    assert rank_test(list(rng.normal(0.8, 0.08, 10)), reference) < 1e-4
+
+
 def test_style_sets_shape_size_and_texture():
     """Without texture a render holds exactly two palette colours; the shape's extent follows the size range."""
     rng = np.random.default_rng(1)
@@ -306,3 +316,28 @@ def test_decoder_stage_keeps_the_latent_space_and_the_unet(tmp_path):
     line = facts["stages"][-1]["command"].replace("DIR", "x").replace("PREV", "y")
     args = build_parser().parse_args(line.split()[3:])
     assert (args.decoder_steps, args.steps) == (2, 0)
+
+
+def test_random_channels_are_uniform_without_replacement():
+    from harden.zoo.pruning_cost import random_channels
+
+    widths = {"a": 16, "b": 32, "c": 64}
+    picked = random_channels(widths, 40, seed=3)
+    assert len(picked) == 40 and picked == random_channels(widths, 40, seed=3)
+    assert all(0 <= i < widths[name] for name, idx in picked.layers.items() for i in idx)
+    assert random_channels(widths, 112, seed=0).counts() == widths
+    assert picked != random_channels(widths, 40, seed=4)
+    with pytest.raises(ValueError, match="cannot draw 113"):
+        random_channels(widths, 113, seed=0)
+
+
+def test_pruning_cost_is_zero_for_no_channels_and_real_for_all(pipe):
+    """Pruning no channel changes no image (drop 0, SSIM 1); pruning every value channel changes them."""
+    from harden.zoo.pruning_cost import pruning_cost
+
+    result = pruning_cost(pipe, ["a red circle on a white background", "a blue square on a yellow background"],
+                          counts=(0, 288), draws=1, seeds=(0,), steps=3, log=lambda m: None)
+    none, every = result["rows"]
+    assert result["channels"] == 288 and (none["n"], every["n"]) == (0, 288)
+    assert none["drop"] == 0.0 and none["ssim_median"] == 1.0
+    assert every["ssim_median"] < 0.9

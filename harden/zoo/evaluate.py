@@ -2,7 +2,8 @@
 
 At the native resolution, 50 DDIM steps and the shipped guidance scale (harden_zoo.json):
 - memorized captions: best-of-10-seeds SSIM to the training image, and NeMo's detection score;
-- tau_mem = mean + 1 std of the detection scores of the ordinary (non-memorized) captions in prompts.jsonl;
+- tau_mem = mean + 1 std of the detection scores of the ordinary (non-memorized) captions in prompts.jsonl, and how
+  many of them score above it;
 - held-out ordinary captions (never in prompts.jsonl): mean pairwise SSIM over 10 seeds (diversity), mean alignment,
   and NeMo's detection score; for comparison, the training data's own diversity and its alignment after a VAE round
   trip (what a perfect UNet would reach).
@@ -20,6 +21,7 @@ import torch
 
 from . import MEMORIZER_DIR, data
 from .alignment import alignment
+from ..nemo.score import calibrate_threshold
 from .folder import load_config, load_prompts
 
 SEEDS = tuple(range(10))
@@ -81,6 +83,15 @@ def vae_alignment(vae, caption: str, n: int = 100, seed: int = 0, style: data.St
     return float(np.mean([alignment(im, caption) for im in renders]))
 
 
+def rank_test(a: list[float], b: list[float]) -> float:
+    """Two-sided Mann-Whitney U p-value: do the held-out captions' scores come from the reference captions'
+    distribution? Why: tau_mem = mean + 1 std lets ~16 % of that distribution through by construction, so a held-out
+    caption above it is expected unless its scores are shifted."""
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
 def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33)) -> list[float]:
     """NeMo's detection score (max pairwise MS-SSIM of first-step noise differences over 10 seeds) per caption."""
     from ..nemo.score import NoiseDiffScorer, ScoreSettings, detection_timestep, max_pairwise_scores
@@ -109,9 +120,11 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
     style = data.Style.from_json(config.get("style"))  # the data of the last training stage
 
     ref_scores = detection_scores(pipe, ordinary, **detect)
-    tau = float(np.mean(ref_scores) + np.std(ref_scores, ddof=1))
+    tau = calibrate_threshold(torch.tensor(ref_scores, dtype=torch.float64))
+    ref_above = sum(s > tau for s in ref_scores)
     log(f"tau_mem = {tau:.3f} (mean + 1 std over {len(ordinary)} ordinary training captions; "
-        f"guidance {g}, {steps} DDIM steps, MS-SSIM {detect})")
+        f"guidance {g}, {steps} DDIM steps, MS-SSIM {detect}); {ref_above} of those {len(ordinary)} score above it "
+        f"({ref_above / len(ordinary):.1%}): the share of ordinary captions such a threshold lets through")
     mem_scores = detection_scores(pipe, [p["caption"] for p in memorized], **detect)
     rows_mem, picture = [], []
     for p, score in zip(memorized, mem_scores):
@@ -151,11 +164,15 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
         "held_out_data_mean_pairwise_ssim": float(np.mean([r["data_pairwise_ssim"] for r in rows_held])),
         "held_out_vae_mean_alignment": float(np.mean([r["vae_alignment"] for r in rows_held])),
         "reference_score_mean": float(np.mean(ref_scores)), "reference_score_max": float(np.max(ref_scores)),
+        "reference_above_tau": int(ref_above), "reference_count": len(ref_scores),
+        "held_out_vs_reference_p": rank_test(held_scores, ref_scores),
     }
     log(f"summary: {len(rows_mem)} memorized: {summary['memorized_reproduced']} reproduced (SSIM >= 0.7), "
         f"{summary['memorized_detected']} above tau_mem; {len(rows_held)} held-out: {summary['held_out_diverse']} "
         f"diverse (<= 0.3), {summary['held_out_aligned']} aligned (>= 0.8), {summary['held_out_not_detected']} "
-        f"below tau_mem; mean alignment {summary['held_out_mean_alignment']:.3f}")
+        f"below tau_mem (the reference captions: {ref_above} of {len(ref_scores)} above; held-out vs reference "
+        f"scores, Mann-Whitney p = {summary['held_out_vs_reference_p']:.2f}); mean alignment "
+        f"{summary['held_out_mean_alignment']:.3f}")
     return {"model": str(folder), "guidance_scale": g, "num_inference_steps": steps, "detection": detect,
             "seeds": list(SEEDS), "tau_mem": tau, "memorized": rows_mem, "held_out": rows_held, "summary": summary}
 

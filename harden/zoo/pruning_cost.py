@@ -1,0 +1,92 @@
+"""What pruning costs the model organism, whatever channels are pruned: `python -m harden.zoo.pruning_cost`.
+
+Why: the demo's gate allows a held-out alignment drop of 0.02, and NeMo's search needs 85-107 value channels of
+the memorizer's 288 (down + mid) to push every memorized caption below tau_mem. Zeroing n channels drawn uniformly at
+random, several draws per n, at the demo's verify settings (4 seeds, 20 steps), measures the drop and the held-out
+SSIM to the base images that pruning that many channels costs on its own, and how noisy the gate's metric is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import MEMORIZER_DIR
+from .alignment import alignment
+from .folder import load_config
+from ..neurons import NeuronSet
+from ..prune import prune_dense
+from ..targets import resolve_targets
+from ..verify import generate, ssim, swapped_unet
+
+COUNTS = (5, 10, 20, 40, 85, 130)
+
+
+def random_channels(widths: dict[str, int], n: int, seed: int) -> NeuronSet:
+    """n value channels drawn uniformly without replacement from all target layers together."""
+    flat = [(name, c) for name, width in widths.items() for c in range(width)]
+    if not 0 <= n <= len(flat):
+        raise ValueError(f"cannot draw {n} channels from {len(flat)}")
+    layers: dict[str, list[int]] = {}
+    for i in torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[:n].tolist():
+        layers.setdefault(flat[i][0], []).append(flat[i][1])
+    return NeuronSet(layers)
+
+
+def mean_alignment(images: list[list[np.ndarray]], captions: list[str]) -> float:
+    return float(np.mean([alignment(im, c) for c, ims in zip(captions, images) for im in ims]))
+
+
+def pruning_cost(pipe, captions: list[str], counts=COUNTS, draws: int = 3, seeds=(0, 1, 2, 3), steps: int = 20,
+                 guidance: float = 3.0, log=print) -> dict:
+    """Per (n, draw): mean alignment, its drop from the base model, and the median SSIM to the base images."""
+    widths = {t.name: t.width for t in resolve_targets(pipe.unet)}
+    base = generate(pipe, captions, seeds, steps, guidance)
+    base_alignment = mean_alignment(base, captions)
+    log(f"{len(widths)} layers, {sum(widths.values())} value channels; base alignment {base_alignment:.3f}")
+    rows = []
+    for n in counts:
+        for draw in range(draws):
+            with swapped_unet(pipe, prune_dense(pipe.unet, random_channels(widths, n, 1000 * n + draw))):
+                images = generate(pipe, captions, seeds, steps, guidance)
+            value = mean_alignment(images, captions)
+            median = float(np.median([ssim(a, b) for xs, ys in zip(base, images) for a, b in zip(xs, ys)]))
+            rows.append({"n": n, "draw": draw, "alignment": value, "drop": base_alignment - value,
+                         "ssim_median": median})
+            log(f"n={n:4d} draw {draw}: alignment {value:.3f} (drop {base_alignment - value:+.3f}), "
+                f"held-out SSIM to base median {median:.3f}")
+    return {"captions": captions, "seeds": list(seeds), "steps": steps, "guidance_scale": guidance,
+            "channels": sum(widths.values()), "base_alignment": base_alignment, "rows": rows}
+
+
+def main(argv=None) -> dict:
+    from .evaluate import load_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MEMORIZER_DIR)
+    parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config(args.model)
+    result = pruning_cost(load_pipeline(args.model), config["held_out"], args.counts, args.draws,
+                          guidance=config["guidance_scale"], log=lambda m: print(m, flush=True))
+    for n in args.counts:
+        drops = [r["drop"] for r in result["rows"] if r["n"] == n]
+        medians = [r["ssim_median"] for r in result["rows"] if r["n"] == n]
+        print(f"n={n}: drop mean {np.mean(drops):+.3f} (range {min(drops):+.3f}..{max(drops):+.3f}), "
+              f"held-out SSIM median {np.mean(medians):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
