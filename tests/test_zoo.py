@@ -9,7 +9,7 @@ from PIL import Image
 
 from harden.zoo import MEMORIZER_DIR, check_manifest, load_config, load_prompts
 from harden.zoo import data
-from harden.zoo.alignment import alignment, describe
+from harden.zoo.alignment import alignment, classify_shape, describe, fill_ratio_shape, validate, with_stray_pixels
 
 RED, BLUE, WHITE = data.COLOURS["red"], data.COLOURS["blue"], data.COLOURS["white"]
 
@@ -74,6 +74,36 @@ def test_alignment_on_generated_training_images():
     rng = np.random.default_rng(0)
     scores = [alignment(data.render(*c, rng), data.caption(*c)) for c in data.combinations() for _ in range(3)]
     assert np.mean(np.array(scores) == 1.0) >= 0.98  # digitization of the smallest shapes costs a few
+
+
+def test_shape_check_ignores_stray_pixels_beside_a_square():
+    """A square with two bled pixels on two sides: the bounding box grows by a row and a column, so the fill ratio
+    falls to a circle's, but the square template still overlaps the blob best."""
+    image = hand_square(RED, BLUE)
+    image[3, 6] = image[8, 11] = RED  # one above the top edge, one beside the right edge
+    mask = np.all(image == RED, axis=-1)
+    assert fill_ratio_shape(mask) == "circle"
+    assert classify_shape(mask) == "square"
+    assert alignment(image, "a red square on a blue background") == 1.0
+    assert alignment(image, "a red circle on a blue background") == pytest.approx(2 / 3)
+
+
+def test_stray_pixels_touch_the_shape_and_are_drawn_without_repeats():
+    mask = np.zeros((16, 16), bool)
+    mask[5:9, 5:9] = True
+    noisy = with_stray_pixels(mask, 4, np.random.default_rng(0))
+    added = noisy & ~mask
+    assert noisy[mask].all() and added.sum() == 4
+    from scipy import ndimage
+    assert not (added & ~ndimage.binary_dilation(mask)).any()
+
+
+def test_template_shape_check_beats_the_fill_ratio_on_fresh_renders():
+    result = validate(per_combination=4, stray=(0, 2), seed=3)
+    assert result["renders"] == 4 * len(data.combinations())
+    assert result["template"][0] >= 0.98 and result["template"][2] >= 0.97
+    assert result["fill_ratio"][2] < 0.85  # two bled pixels break the old check on many renders
+    assert result["template"][2] > result["fill_ratio"][2] + 0.1
 
 
 # --- data ------------------------------------------------------------------------------------------------------------

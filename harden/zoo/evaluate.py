@@ -105,8 +105,9 @@ def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0
     return [float(s) for s in max_pairwise_scores(scorer, embeds)]
 
 
-def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) -> dict:
-    """All item-4 measurements as a dict (also printed); `grid`: a PNG of all samples, one row per caption."""
+def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print, seeds=SEEDS) -> dict:
+    """All item-4 measurements as a dict (also printed); `grid`: a PNG of all samples, one row per caption; `seeds`:
+    the generation seeds (another set of 10 shows how much the per-caption numbers owe to the seeds drawn)."""
     from PIL import Image
 
     config = load_config(folder)
@@ -129,10 +130,10 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
     rows_mem, picture = [], []
     for p, score in zip(memorized, mem_scores):
         target = np.asarray(Image.open(folder / p["image"]).convert("RGB"))
-        images = generate(pipe, p["caption"], guidance_scale=g, steps=steps)
+        images = generate(pipe, p["caption"], seeds, guidance_scale=g, steps=steps)
         sims = [ssim(im, target) for im in images]
         picture.append([target, *images])
-        rows_mem.append({"caption": p["caption"], "best_ssim": max(sims), "best_seed": int(np.argmax(sims)),
+        rows_mem.append({"caption": p["caption"], "best_ssim": max(sims), "best_seed": int(seeds[int(np.argmax(sims))]),
                          "vae_ssim": ssim(reconstruct(pipe.vae, target), target), "score": score,
                          "detected": score > tau})
         log(f"memorized  best SSIM {max(sims):.3f} (VAE round trip {rows_mem[-1]['vae_ssim']:.3f})  "
@@ -140,7 +141,7 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
     held_scores = detection_scores(pipe, held_out, **detect)
     rows_held = []
     for caption, score in zip(held_out, held_scores):
-        images = generate(pipe, caption, guidance_scale=g, steps=steps)
+        images = generate(pipe, caption, seeds, guidance_scale=g, steps=steps)
         picture.append([np.zeros_like(images[0]), *images])
         row = {"caption": caption, "pairwise_ssim": mean_pairwise_ssim(images),
                "data_pairwise_ssim": data_diversity(caption, len(images), style=style),
@@ -174,7 +175,7 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print) 
         f"scores, Mann-Whitney p = {summary['held_out_vs_reference_p']:.2f}); mean alignment "
         f"{summary['held_out_mean_alignment']:.3f}")
     return {"model": str(folder), "guidance_scale": g, "num_inference_steps": steps, "detection": detect,
-            "seeds": list(SEEDS), "tau_mem": tau, "memorized": rows_mem, "held_out": rows_held, "summary": summary}
+            "seeds": list(seeds), "tau_mem": tau, "memorized": rows_mem, "held_out": rows_held, "summary": summary}
 
 
 def main(argv=None) -> dict:
@@ -183,10 +184,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the measurements to this file")
     parser.add_argument("--grid", type=Path, help="also save all samples as one PNG (a row per caption)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--first-seed", type=int, default=0, help="generate with seeds N..N+9 (default 0..9)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = evaluate(args.model, grid=args.grid, log=lambda m: print(m, flush=True))
+    seeds = tuple(range(args.first_seed, args.first_seed + len(SEEDS)))
+    result = evaluate(args.model, grid=args.grid, log=lambda m: print(m, flush=True), seeds=seeds)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
