@@ -40,10 +40,11 @@ def largest_blob(mask: np.ndarray) -> np.ndarray | None:
 
 
 @functools.cache
-def templates(resolution: int = RESOLUTION) -> dict[str, np.ndarray]:
-    """Every distinct rasterization of each shape, as float rows [N, H*W]: sizes from 1/8 to 15/16 of the side and
-    centres anywhere in the image, both on a grid of 1/32 of the side (0.5 px at 16x16). Why so wide: a sample may
-    draw a shape smaller, larger or nearer the edge than the training data does, and it should still be judged."""
+def templates(resolution: int = RESOLUTION) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every distinct rasterization of each shape, as float rows [N, H*W] with their areas [N]: sizes from 1/8 to
+    15/16 of the side and centres anywhere in the image, both on a grid of 1/32 of the side (0.5 px at 16x16). Why so
+    wide: a sample may draw a shape smaller, larger or nearer the edge than the training data does, and it should
+    still be judged."""
     step = resolution / 32
     size, cx, cy = np.meshgrid(np.arange(4, 31) * step, np.arange(0, 33) * step, np.arange(0, 33) * step,
                                indexing="ij")
@@ -53,7 +54,8 @@ def templates(resolution: int = RESOLUTION) -> dict[str, np.ndarray]:
         masks = shape_mask(shape, *params, resolution=resolution).reshape(len(params[0]), -1)
         masks = masks[masks.sum(1) >= 2]
         unique = np.unique(np.packbits(masks, axis=1), axis=0)
-        bank[shape] = np.unpackbits(unique, axis=1)[:, :resolution * resolution].astype(np.float32)
+        rows = np.unpackbits(unique, axis=1)[:, :resolution * resolution].astype(np.float32)
+        bank[shape] = rows, rows.sum(1)
     return bank
 
 
@@ -66,9 +68,9 @@ def shape_overlaps(mask: np.ndarray) -> dict[str, float]:
         raise ValueError(f"the alignment metric needs square images, got {blob.shape[1]}x{blob.shape[0]}")
     b = blob.ravel().astype(np.float32)
     best = {}
-    for shape, bank in templates(blob.shape[0]).items():
+    for shape, (bank, areas) in templates(blob.shape[0]).items():
         inter = bank @ b
-        best[shape] = float((inter / (bank.sum(1) + b.sum() - inter)).max())
+        best[shape] = float((inter / (areas + b.sum() - inter)).max())
     return best
 
 
