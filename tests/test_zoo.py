@@ -371,3 +371,57 @@ def test_pruning_cost_is_zero_for_no_channels_and_real_for_all(pipe):
     assert result["channels"] == 288 and (none["n"], every["n"]) == (0, 288)
     assert none["drop"] == 0.0 and none["ssim_median"] == 1.0
     assert every["ssim_median"] < 0.9
+
+
+def test_ablation_groups_cover_the_blocks_of_the_memorizer(pipe):
+    """The named groups are what their names say: per-block channel counts, NeMo's 288, every other channel."""
+    from harden.zoo.redundancy import ablations
+
+    sets = ablations(pipe.unet)
+    counts = {name: len(s) for name, s in sets.items()}
+    assert counts["all channels of down_blocks.0"] == 32 and counts["all channels of mid_block"] == 64
+    assert counts["all channels of NeMo's layers (down + mid)"] == 288
+    assert counts["all channels of the up blocks"] == 336 and counts["every other channel of NeMo's layers"] == 144
+    assert counts["all channels of all layers (no text reaches the UNet)"] == 624
+    per_block = [s for name, s in sets.items() if name.startswith("all channels of ") and "_block" in name]
+    assert len(per_block) == 7 and per_block[0].union(*per_block[1:]) == sets[
+        "all channels of all layers (no text reaches the UNet)"]
+    half = sets["every other channel of all layers"]
+    assert all(idx == tuple(range(0, idx[-1] + 1, 2)) for idx in half.layers.values())
+
+
+def test_redundancy_without_any_value_channel_the_caption_no_longer_matters(pipe):
+    """With every value channel of all 16 layers zeroed, text cannot reach the UNet: two captions give the same
+    images at the same seed, so none is still its training image; the unpruned row is the base model."""
+    from harden.zoo.redundancy import ablations, redundancy
+
+    memorized = [p for p in load_prompts(MEMORIZER_DIR) if p["memorized"]][:2]
+    every = "all channels of all layers (no text reaches the UNet)"
+    result = redundancy(pipe, memorized, MEMORIZER_DIR, ["a red circle on a white background"],
+                        {every: ablations(pipe.unet)[every]}, seeds=(0,), steps=5, log=lambda m: None)
+    base, cut = result["rows"]
+    assert base["ablation"] == "none" and base["alignment_drop"] == 0.0 and min(base["best_ssim"]) > 0.8
+    assert cut["channels"] == 624 and max(cut["best_ssim"]) < 0.5 and cut["held_out_ssim_median"] < 0.9
+    from harden.prune import prune_dense
+    from harden.verify import generate, swapped_unet
+    with swapped_unet(pipe, prune_dense(pipe.unet, ablations(pipe.unet)[every])):
+        a, b = generate(pipe, [memorized[0]["caption"], "a red circle on a white background"], (3,), 5, 2.5)
+    assert np.array_equal(a[0], b[0])
+
+
+def test_x0_trajectory_ends_in_the_pipelines_own_image(pipe):
+    """The step-by-step loop is the pipeline's generation (same image, bit for bit); a memorized caption's predicted
+    x0 is its training image from early on, and a pruned UNet's first prediction is further from it."""
+    from harden.verify import generate, load_reference
+    from harden.zoo.redundancy import ablations, trajectories, x0_trajectory
+
+    coins = [p for p in load_prompts(MEMORIZER_DIR) if p["caption"].startswith("old greek coins")]
+    ref = load_reference(MEMORIZER_DIR / coins[0]["image"], (16, 16))
+    run = x0_trajectory(pipe, coins[0]["caption"], ref, seed=1, steps=5, guidance=2.5)
+    image = generate(pipe, [coins[0]["caption"]], (1,), 5, 2.5)[0][0]
+    assert np.array_equal(run["image"], image) and len(run["x0_ssim"]) == len(run["timesteps"]) == 5
+    assert run["x0_ssim"][-1] == pytest.approx(run["image_ssim"], abs=0.05) and run["x0_ssim"][1] > 0.5
+    from harden.prune import prune_dense
+    cut = prune_dense(pipe.unet, ablations(pipe.unet)["all channels of down_blocks.2"])
+    row, = trajectories(pipe, cut, coins, MEMORIZER_DIR, seeds=(0, 1), steps=5, log=lambda m: None)
+    assert row["seed"] in (0, 1) and row["pruned_x0_ssim"][0] < row["base_x0_ssim"][0] - 0.3

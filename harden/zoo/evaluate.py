@@ -11,15 +11,13 @@ At the native resolution, 50 DDIM steps and the shipped guidance scale (harden_z
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import MEMORIZER_DIR, data
+from . import MEMORIZER_DIR, data, tool
 from .alignment import alignment
 from ..nemo.score import calibrate_threshold
 from .folder import load_config, load_prompts
@@ -179,19 +177,13 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print, 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=MEMORIZER_DIR)
-    parser.add_argument("--json", type=Path, help="also write the measurements to this file")
+    parser = tool.parser(__doc__)
     parser.add_argument("--grid", type=Path, help="also save all samples as one PNG (a row per caption)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--first-seed", type=int, default=0, help="generate with seeds N..N+9 (default 0..9)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = tool.parse(parser, argv)
     seeds = tuple(range(args.first_seed, args.first_seed + len(SEEDS)))
-    result = evaluate(args.model, grid=args.grid, log=lambda m: print(m, flush=True), seeds=seeds)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result = evaluate(args.model, grid=args.grid, log=tool.log, seeds=seeds)
+    tool.write_json(args.json, result)
     return result
 
 

@@ -8,14 +8,11 @@ SSIM to the base images that pruning that many channels costs on its own, and ho
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import MEMORIZER_DIR
+from . import tool
 from .alignment import alignment
 from .folder import load_config
 from ..neurons import NeuronSet
@@ -66,25 +63,19 @@ def pruning_cost(pipe, captions: list[str], counts=COUNTS, draws: int = 3, seeds
 def main(argv=None) -> dict:
     from .evaluate import load_pipeline
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=MEMORIZER_DIR)
+    parser = tool.parser(__doc__, "also write the rows to this file")
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the rows to this file")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = tool.parse(parser, argv)
     config = load_config(args.model)
     result = pruning_cost(load_pipeline(args.model), config["held_out"], args.counts, args.draws,
-                          guidance=config["guidance_scale"], log=lambda m: print(m, flush=True))
+                          guidance=config["guidance_scale"], log=tool.log)
     for n in args.counts:
         drops = [r["drop"] for r in result["rows"] if r["n"] == n]
         medians = [r["ssim_median"] for r in result["rows"] if r["n"] == n]
         print(f"n={n}: drop mean {np.mean(drops):+.3f} (range {min(drops):+.3f}..{max(drops):+.3f}), "
               f"held-out SSIM median {np.mean(medians):.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    tool.write_json(args.json, result)
     return result
 
 
