@@ -8,7 +8,6 @@ SSIM to the base images that pruning that many channels costs on its own, and ho
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -25,8 +25,16 @@ from ..targets import SELECT_ALL, SELECT_NEMO, Target, latent_size, resolve_targ
 from ..verify import best_of_seeds_ssim, generate, load_reference, ssim, swapped_unet
 
 REMOVED_BELOW = 0.3  # the demo's gate: best-of-seeds SSIM to the training image <= 0.3
-BLOCKS = ("down_blocks.0.", "down_blocks.1.", "down_blocks.2.", "mid_block.", "up_blocks.1.", "up_blocks.2.",
-          "up_blocks.3.")
+
+
+def image_size(pipe) -> tuple[int, int]:
+    """(height, width) of the pipeline's native images: the UNet's latent size times the VAE's scale."""
+    return tuple(side * pipe.vae_scale_factor for side in latent_size(pipe.unet))
+
+
+def block_of(target: Target) -> str:
+    """The UNet block a cross-attention layer sits in, e.g. "down_blocks.2" or "mid_block"."""
+    return target.name.split(".attentions.")[0]
 
 
 def channels(targets: list[Target], keep: Callable[[Target], bool], step: int = 1) -> NeuronSet:
@@ -38,9 +46,8 @@ def ablations(unet) -> dict[str, NeuronSet]:
     """Named channel groups of the UNet, from one block to every cross-attention layer."""
     everything = resolve_targets(unet, SELECT_ALL)
     nemo = {t.name for t in resolve_targets(unet, SELECT_NEMO)}
-    out = {f"all channels of {block.rstrip('.')}": channels(everything, lambda t, b=block: t.name.startswith(b))
-           for block in BLOCKS}
-    out = {name: s for name, s in out.items() if s}  # blocks without cross-attention (DownBlock2D, UpBlock2D)
+    blocks = dict.fromkeys(block_of(t) for t in everything)  # in model order; blocks without cross-attention drop out
+    out = {f"all channels of {b}": channels(everything, lambda t, b=b: block_of(t) == b) for b in blocks}
     out["all channels of NeMo's layers (down + mid)"] = channels(everything, lambda t: t.name in nemo)
     out["all channels of the up blocks"] = channels(everything, lambda t: t.name not in nemo)
     out["every other channel of NeMo's layers"] = channels(everything, lambda t: t.name in nemo, step=2)
@@ -55,8 +62,7 @@ def redundancy(pipe, memorized: list[dict], folder: Path, held_out: list[str], s
     how many fall below REMOVED_BELOW, the held-out mean alignment (and its drop) and the held-out SSIM to the base
     images at the same seeds (median)."""
     captions = [p["caption"] for p in memorized]
-    size = tuple(side * pipe.vae_scale_factor for side in latent_size(pipe.unet))
-    refs = [load_reference(folder / p["image"], size) for p in memorized]
+    refs = [load_reference(folder / p["image"], image_size(pipe)) for p in memorized]
 
     def measure(unet) -> tuple[list[float], list[list[np.ndarray]]]:
         with swapped_unet(pipe, unet):
@@ -101,9 +107,8 @@ def x0_trajectory(pipe, caption: str, target: np.ndarray, seed: int, steps: int 
     device = pipe.unet.device
     cond, uncond = pipe.encode_prompt(caption, device, 1, True)
     embeds = torch.cat([uncond, cond])
-    side = latent_size(pipe.unet)
-    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, side[0] * pipe.vae_scale_factor,
-                                   side[1] * pipe.vae_scale_factor, embeds.dtype, device,
+    height, width = image_size(pipe)
+    latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
                                    torch.Generator().manual_seed(int(seed)))
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps, device=device)
@@ -127,10 +132,9 @@ def trajectories(pipe, unet, memorized: list[dict], folder: Path, seeds=tuple(ra
                  guidance: float = 2.5, log=print) -> list[dict]:
     """Per memorized caption, at the seed where `unet`'s generation comes closest to the training image: the
     predicted-x0 SSIM to it at every step, for the base UNet and for `unet` (a pruned one)."""
-    size = tuple(side * pipe.vae_scale_factor for side in latent_size(pipe.unet))
     rows = []
     for p in memorized:
-        ref = load_reference(folder / p["image"], size)
+        ref = load_reference(folder / p["image"], image_size(pipe))
         with swapped_unet(pipe, unet):
             runs = [x0_trajectory(pipe, p["caption"], ref, s, steps, guidance) for s in seeds]
         best = int(np.argmax([r["image_ssim"] for r in runs]))
