@@ -71,8 +71,9 @@ def test_side_by_side_prompts_get_their_sequential_results_in_fewer_forwards(thr
         assert shared_forwards == max(r.unet_forwards for r in alone)
     if path == "give-up":
         assert all(r.tie_checks > 0 for r in shared)
-        # the shared layout did move scores, by float noise far inside the band
-        assert 0 < max(r.tie_shift for r in shared) < TIE_BAND / 10
+        # whatever the shared layout moved (float noise, or nothing where the kernels are layout-invariant: the
+        # machine decides) stayed far inside the band
+        assert 0 <= max(r.tie_shift for r in shared) < TIE_BAND / 10
         for p, s in zip(prompts, shared):
             official = reference_localize_prompt(NoiseDiffScorer(unet, targets, 961, settings), p[0], p[1], stats,
                                                  p[2], "p")
