@@ -425,3 +425,49 @@ def test_x0_trajectory_ends_in_the_pipelines_own_image(pipe):
     cut = prune_dense(pipe.unet, ablations(pipe.unet)["all channels of down_blocks.2"])
     row, = trajectories(pipe, cut, coins, MEMORIZER_DIR, seeds=(0, 1), steps=5, log=lambda m: None)
     assert row["seed"] in (0, 1) and row["pruned_x0_ssim"][0] < row["base_x0_ssim"][0] - 0.3
+
+
+# --- why held-out captions land above tau_mem (harden.zoo.detection_seeds) ------------------------------------------
+
+def test_draw_pass_rate_is_the_chance_of_drawing_no_high_caption():
+    """6 high scores among 126: tau_mem of the other 116 sits between 0 and 1, so a held-out set of 10 passes
+    exactly when it holds none of the 6 (probability C(120,10)/C(126,10)); a left-skewed set always passes."""
+    from math import comb
+
+    from harden.zoo.detection_seeds import draw_pass_rate
+
+    scores = np.array([0.0] * 120 + [1.0] * 6)
+    exact = comb(120, 10) / comb(126, 10)
+    assert abs(draw_pass_rate(scores, k=10, draws=40000, seed=1) - exact) < 0.01
+    assert draw_pass_rate(np.array([0.0] * 20 + [1.0] * 106), k=10, draws=2000) == 1.0
+    assert draw_pass_rate(np.full(126, 0.5), k=10, draws=100) == 0.0  # no score is below tau_mem = the score
+
+
+def test_tau_mem_rows_and_score_spread():
+    from harden.nemo.score import calibrate_threshold
+    from harden.zoo.detection_seeds import contrast, spread, tau_mem
+
+    rows = np.random.default_rng(0).random((3, 116))
+    assert np.allclose(tau_mem(rows), [calibrate_threshold(torch.tensor(r)) for r in rows])
+    own = np.tile([0.3, 0.5, 0.7], (4, 1))  # each caption scores the same at every seed: its rank is its own
+    assert spread(own) == pytest.approx((0.2, 0.0))
+    luck = np.array([[0.3, 0.7], [0.7, 0.3]])  # same mean for both: only the seed decides
+    assert spread(luck) == pytest.approx((0.0, np.std([0.3, 0.7], ddof=1)))
+    assert contrast("a white circle on a black background") == pytest.approx(220 * 3 ** 0.5)
+
+
+def test_detection_seed_sweep_on_the_shipped_model():
+    """Seed 1 is evaluate's measurement (tau_mem 0.581, 8 of 8 memorized above, 8 of 10 held-out below); the random
+    held-out draws pass about as often as the reference captions' share above tau_mem predicts; one seed is refused."""
+    from harden.zoo.detection_seeds import detection_seeds
+
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        detection_seeds(MEMORIZER_DIR, seeds=(1,))
+    result = detection_seeds(MEMORIZER_DIR, seeds=(1, 2), draws=4000, log=lambda m: None)
+    row = result["per_seed"][0]
+    assert row["tau_mem"] == pytest.approx(0.581, abs=0.002)
+    assert (row["memorized_above"], row["held_out_below"], row["reference_above"]) == (8, 8, 20)
+    assert abs(row["draw_pass_rate"] - (1 - 20 / 116) ** 10) < 0.05
+    above = {c["caption"] for c in result["captions"] if c["held_out"] and c["seeds_above_tau"]}
+    assert above == {"a red circle on a white background", "a green circle on a purple background"}
+    assert result["summary"]["caption_mean_std"] > result["summary"]["seed_std_mean"] > 0

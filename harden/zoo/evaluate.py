@@ -90,13 +90,15 @@ def rank_test(a: list[float], b: list[float]) -> float:
     return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
-def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33)) -> list[float]:
-    """NeMo's detection score (max pairwise MS-SSIM of first-step noise differences over 10 seeds) per caption."""
+def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0.33, 0.33),
+                     seed: int = 1) -> list[float]:
+    """NeMo's detection score (max pairwise MS-SSIM of first-step noise differences over 10 seeds) per caption;
+    `seed` draws all 10 latents (NeMo's default: 1)."""
     from ..nemo.score import NoiseDiffScorer, ScoreSettings, detection_timestep, max_pairwise_scores
     from ..nemo.stats import encode_prompts
     from ..targets import resolve_targets
 
-    settings = ScoreSettings(kernel_size=kernel_size, betas=tuple(betas))
+    settings = ScoreSettings(kernel_size=kernel_size, betas=tuple(betas), seed=seed)
     scorer = NoiseDiffScorer(pipe.unet, resolve_targets(pipe.unet), detection_timestep(pipe.scheduler.config,
                                                                                        settings), settings)
     embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
