@@ -8,14 +8,12 @@ from micro_model import micro_model
 from harden.bench import forced_settings
 from harden.nemo.localize import (TIE_BAND, LocalizeSettings, initial_selection, localize_prompt, refine,
                                   speculative_greedy)
-from harden.nemo.reference import official_localize, reference_localize_prompt, synthetic_scorer
+from harden.nemo.reference import official_localize, reference_localize_prompt, settings_from_official, synthetic_scorer
 from harden.nemo.score import NoiseDiffScorer
 from harden.nemo.stats import value_activations
 
 WIDTHS = [16, 16, 24, 24, 32, 32, 32]
 NAMES = [f"layer{i}" for i in range(len(WIDTHS))]
-KEYS = dict(theta0="theta_start", step="theta_step", min_theta="theta_min", k0="k_start", tau_init="tau_initial",
-            tau_ref="tau_refine", rel_threshold="rel_threshold")
 
 
 def _problem(seed):
@@ -48,15 +46,13 @@ def _exact(score_lists, acts, stats, settings, speculate, block):
 ])
 @pytest.mark.parametrize("block", [1, 2, 3, 8])
 def test_speculative_refinement_matches_official_order(params, block):
-    settings = {KEYS[k]: v for k, v in params.items() if k in KEYS}
-    if params.get("no_top_k"):
-        settings["use_top_k"] = False
+    settings = settings_from_official(**params)
     for seed in range(6):
         acts, mean, std, stats = _problem(seed)
         score, official_calls = synthetic_scorer(WIDTHS, seed + 7)
         expected = official_localize(score, acts, mean, std, **params)
         n_official = len(official_calls)
-        initial, final, s, calls = _exact(score, acts, stats, LocalizeSettings(**settings), block, block)
+        initial, final, s, calls = _exact(score, acts, stats, settings, block, block)
         assert (initial, final) == (expected[0], expected[1])
         assert s == pytest.approx(expected[2], abs=1e-9)
         assert len(calls) < n_official  # no recomputed final score, no unused all-blocked call

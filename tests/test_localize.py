@@ -6,7 +6,7 @@ from harden.nemo.localize import (LocalizeSettings, PromptResult, initial_select
                                   union_of)
 from harden.nemo.stats import NeuronStats
 
-from harden.nemo.reference import official_localize, synthetic_scorer
+from harden.nemo.reference import official_localize, settings_from_official, synthetic_scorer
 
 WIDTHS = [16, 16, 24, 24, 32, 32, 32]
 NAMES = [f"layer{i}" for i in range(len(WIDTHS))]
@@ -51,16 +51,12 @@ def test_matches_official_order(seed, speculate):
     dict(tau_init=0.05, tau_ref=0.05),  # never reached: the give-up path refines against the last score
 ])
 def test_matches_official_order_non_default(params):
-    names = dict(theta0="theta_start", step="theta_step", min_theta="theta_min", k0="k_start",
-                 tau_init="tau_initial", tau_ref="tau_refine")
-    settings = {names[k]: v for k, v in params.items() if k in names}
-    if params.get("no_top_k"):
-        settings["use_top_k"] = False
+    settings = settings_from_official(**params)
     for seed in range(4):
         acts, mean, std, stats = _acts_and_stats(seed)
         score, _ = synthetic_scorer(WIDTHS, seed + 100)
         expected = official_localize(score, acts, mean, std, **params)
-        got = _harden(score, acts, stats, LocalizeSettings(**settings))
+        got = _harden(score, acts, stats, settings)
         assert got[:2] == expected[:2]
 
 

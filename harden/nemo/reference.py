@@ -25,6 +25,20 @@ from .stats import NeuronStats
 
 ListsByIndex = list[list[int]]
 
+# the official script's keyword -> the LocalizeSettings field it sets, for the options that map one to one
+OFFICIAL_NAMES = {"theta0": "theta_start", "step": "theta_step", "min_theta": "theta_min", "k0": "k_start",
+                  "tau_init": "tau_initial", "tau_ref": "tau_refine", "rel_threshold": "rel_threshold"}
+
+
+def settings_from_official(**official) -> LocalizeSettings:
+    """harden's settings for the keyword arguments `official_localize` takes, so both run the same parameters."""
+    fields = {OFFICIAL_NAMES[k]: v for k, v in official.items() if k in OFFICIAL_NAMES}
+    if official.get("no_top_k"):
+        fields["use_top_k"] = False
+    if official.get("no_theta"):
+        fields["use_theta"] = False
+    return LocalizeSettings(**fields)
+
 
 @dataclass
 class OfficialRun:
