@@ -4,6 +4,7 @@ a small random UNet with a forced search path; and strictly fewer forwards."""
 import pytest
 import torch
 from micro_model import micro_model
+from synthetic_search import NAMES, WIDTHS, search_problem
 
 from harden.bench import forced_settings
 from harden.nemo.localize import (TIE_BAND, LocalizeSettings, initial_selection, localize_prompt, refine,
@@ -11,21 +12,6 @@ from harden.nemo.localize import (TIE_BAND, LocalizeSettings, initial_selection,
 from harden.nemo.reference import official_localize, reference_localize_prompt, settings_from_official, synthetic_scorer
 from harden.nemo.score import NoiseDiffScorer
 from harden.nemo.stats import value_activations
-
-WIDTHS = [16, 16, 24, 24, 32, 32, 32]
-NAMES = [f"layer{i}" for i in range(len(WIDTHS))]
-
-
-def _problem(seed):
-    from harden.nemo.stats import NeuronStats
-
-    g = torch.Generator().manual_seed(seed)
-    acts = [torch.rand(w, generator=g) for w in WIDTHS]
-    for a in acts[:3]:
-        a[int(torch.randint(len(a), (1,), generator=g))] += 3.0
-    mean = [torch.full((w,), 0.5) for w in WIDTHS]
-    std = [torch.full((w,), 0.3) for w in WIDTHS]
-    return acts, mean, std, NeuronStats(dict(zip(NAMES, mean)), dict(zip(NAMES, std)), 100)
 
 
 def _exact(score_lists, acts, stats, settings, speculate, block):
@@ -48,7 +34,7 @@ def _exact(score_lists, acts, stats, settings, speculate, block):
 def test_speculative_refinement_matches_official_order(params, block):
     settings = settings_from_official(**params)
     for seed in range(6):
-        acts, mean, std, stats = _problem(seed)
+        acts, mean, std, stats = search_problem(seed)
         score, official_calls = synthetic_scorer(WIDTHS, seed + 7)
         expected = official_localize(score, acts, mean, std, **params)
         n_official = len(official_calls)
@@ -175,7 +161,7 @@ def test_early_rejection_keeps_every_decision_and_scores_fewer_seeds():
 
     totals = {False: 0, True: 0}
     for seed in range(6):
-        acts, _, _, stats = _problem(seed)
+        acts, _, _, stats = search_problem(seed)
         score_lists, _ = synthetic_scorer(WIDTHS, seed, n_seeds=5)
         act_map = dict(zip(NAMES, acts))
         settings = LocalizeSettings(tau_initial=0.3, tau_refine=0.35)

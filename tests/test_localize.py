@@ -1,26 +1,12 @@
 import pytest
 import torch
+from synthetic_search import NAMES, WIDTHS, search_problem
 
 from harden.neurons import NeuronSet
 from harden.nemo.localize import (LocalizeSettings, PromptResult, initial_selection, ood_candidates, refine, schedule,
                                   union_of)
-from harden.nemo.stats import NeuronStats
-
 from harden.nemo.reference import official_localize, settings_from_official, synthetic_scorer
-
-WIDTHS = [16, 16, 24, 24, 32, 32, 32]
-NAMES = [f"layer{i}" for i in range(len(WIDTHS))]
-
-
-def _acts_and_stats(seed):
-    g = torch.Generator().manual_seed(seed)
-    acts = [torch.rand(w, generator=g) for w in WIDTHS]
-    for a in acts[:3]:
-        a[int(torch.randint(len(a), (1,), generator=g))] += 3.0  # a few OOD neurons
-    mean = [torch.full((w,), 0.5) for w in WIDTHS]
-    std = [torch.full((w,), 0.3) for w in WIDTHS]
-    stats = NeuronStats(dict(zip(NAMES, mean)), dict(zip(NAMES, std)), 100)
-    return acts, mean, std, stats
+from harden.nemo.stats import NeuronStats
 
 
 def _harden(score_lists, acts, stats, settings, speculate=1):
@@ -36,7 +22,7 @@ def _harden(score_lists, acts, stats, settings, speculate=1):
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("speculate", [1, 5])
 def test_matches_official_order(seed, speculate):
-    acts, mean, std, stats = _acts_and_stats(seed)
+    acts, mean, std, stats = search_problem(seed)
     score, _ = synthetic_scorer(WIDTHS, seed)
     expected = official_localize(score, acts, mean, std)
     got = _harden(score, acts, stats, LocalizeSettings(), speculate)
@@ -53,7 +39,7 @@ def test_matches_official_order(seed, speculate):
 def test_matches_official_order_non_default(params):
     settings = settings_from_official(**params)
     for seed in range(4):
-        acts, mean, std, stats = _acts_and_stats(seed)
+        acts, mean, std, stats = search_problem(seed)
         score, _ = synthetic_scorer(WIDTHS, seed + 100)
         expected = official_localize(score, acts, mean, std, **params)
         got = _harden(score, acts, stats, settings)
