@@ -445,7 +445,7 @@ def test_draw_pass_rate_is_the_chance_of_drawing_no_high_caption():
 
 def test_tau_mem_rows_and_score_spread():
     from harden.nemo.score import calibrate_threshold
-    from harden.zoo.detection_seeds import contrast, spread, tau_mem
+    from harden.zoo.detection_seeds import contrast, same_mean, spread, tau_mem
 
     rows = np.random.default_rng(0).random((3, 116))
     assert np.allclose(tau_mem(rows), [calibrate_threshold(torch.tensor(r)) for r in rows])
@@ -454,6 +454,8 @@ def test_tau_mem_rows_and_score_spread():
     luck = np.array([[0.3, 0.7], [0.7, 0.3]])  # same mean for both: only the seed decides
     assert spread(luck) == pytest.approx((0.0, np.std([0.3, 0.7], ddof=1)))
     assert contrast("a white circle on a black background") == pytest.approx(220 * 3 ** 0.5)
+    moved = same_mean(own + np.array([[0.01], [-0.01], [0.02], [-0.02]]))  # captions' own means go, seed noise stays
+    assert np.allclose(moved.mean(axis=0), 0.5) and np.allclose(moved[:, 0] - 0.5, [0.01, -0.01, 0.02, -0.02])
 
 
 def test_detection_seed_sweep_on_the_shipped_model():

@@ -12,7 +12,9 @@ held-out set. This measures all four, over many detection seeds:
   caption over seeds, and their rank correlation with the RGB contrast between foreground and background colour;
 - held-out draws: at each seed, the share of all possible 10-caption held-out sets (drawn at random from every
   procedural caption, tau_mem from the rest, as the shipped split) whose 10 captions all score below tau_mem: how
-  often a held-out set meets the target by being the set it is, for this model.
+  often a held-out set meets the target by being the set it is, for this model; and the same share for a model
+  whose captions all had one expected score (each caption's scores moved to the common mean, the seed noise kept),
+  which is what removing the captions' own differences (e.g. their contrast) could reach at best.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def draw_pass_rate(scores: np.ndarray, k: int = 10, draws: int = 20000, seed: in
     order = np.argsort(rng.random((draws, len(scores))), axis=1)  # a uniform random permutation per draw
     held, reference = scores[order[:, :k]], scores[order[:, k:]]
     return float(np.mean((held < tau_mem(reference)[:, None]).all(axis=1)))
+
+
+def same_mean(per_seed: np.ndarray) -> np.ndarray:
+    """Scores [seeds, captions] with each caption's mean over seeds moved to the mean of all: seed noise only."""
+    return per_seed - per_seed.mean(axis=0, keepdims=True) + per_seed.mean()
 
 
 def spread(per_seed: np.ndarray) -> tuple[float, float]:
@@ -92,6 +99,8 @@ def detection_seeds(folder, seeds=tuple(range(1, 21)), draws: int = 20000, log=p
             f"{row['held_out_below']} of {len(held_out)}; random held-out sets all below it: "
             f"{row['draw_pass_rate']:.1%}")
     between, within = spread(scores[:, :len(ordinary)])
+    noise_only = same_mean(scores[:, :len(ordinary)])
+    noise_only_rates = [draw_pass_rate(row, k=len(held_out), draws=draws, seed=i) for i, row in enumerate(noise_only)]
     means = scores[:, :len(ordinary)].mean(axis=0)
     rho, p = spearmanr(means, [contrast(c) for c in ordinary])
     captions = [{"caption": c, "held_out": c in held_out, "mean_score": float(means[j]),
@@ -108,6 +117,9 @@ def detection_seeds(folder, seeds=tuple(range(1, 21)), draws: int = 20000, log=p
         "reference_above_share": float(np.mean([r["reference_above"] / len(reference) for r in per_seed])),
         "reference_skewness_mean": float(np.mean(skew(ref, axis=1))),
         "draw_pass_rate_mean": float(np.mean([r["draw_pass_rate"] for r in per_seed])),
+        "same_mean_draw_pass_rate_mean": float(np.mean(noise_only_rates)),
+        "same_mean_draw_pass_rate_min": float(np.min(noise_only_rates)),
+        "same_mean_draw_pass_rate_max": float(np.max(noise_only_rates)),
         "caption_mean_std": between, "seed_std_mean": within,
         "contrast_spearman": float(rho), "contrast_spearman_p": float(p),
     }
@@ -124,7 +136,8 @@ def detection_seeds(folder, seeds=tuple(range(1, 21)), draws: int = 20000, log=p
         f"{summary['seeds_all_memorized_above']}; tau_mem {summary['tau_mem_min']:.3f}-{summary['tau_mem_max']:.3f} "
         f"lets {summary['reference_above_share']:.1%} of the reference captions through (their scores' skewness "
         f"{summary['reference_skewness_mean']:+.2f}); a random held-out set "
-        f"passes at {summary['draw_pass_rate_mean']:.1%} of seeds' draws on average; caption means spread "
+        f"passes at {summary['draw_pass_rate_mean']:.1%} of seeds' draws on average (captions moved to one mean score: "
+        f"{summary['same_mean_draw_pass_rate_mean']:.1%}); caption means spread "
         f"{between:.3f} across captions vs {within:.3f} within a caption over seeds; Spearman with contrast "
         f"{rho:.2f} (p {p:.1g})")
     return {"model": str(folder), "detection": detect, "seeds": [int(s) for s in seeds], "draws": draws,
