@@ -10,8 +10,8 @@ held-out set. This measures all four, over many detection seeds:
   passes nearly all of a distribution only when it is skewed to the left);
 - per caption: its mean score over seeds, the spread of those means across captions against the mean spread of one
   caption over seeds, and their rank correlation with the RGB contrast between foreground and background colour;
-- held-out draws: at each seed, the share of all possible 10-caption held-out sets (drawn at random from every
-  procedural caption, tau_mem from the rest, as the shipped split) whose 10 captions all score below tau_mem: how
+- held-out draws: at each seed, the share of random 10-caption held-out sets (20,000 drawn from all 126
+  procedural captions, tau_mem from the rest, as the shipped split) whose 10 captions all score below tau_mem: how
   often a held-out set meets the target by being the set it is, for this model; and the same share for a model
   whose captions all had one expected score (each caption's scores moved to the common mean, the seed noise kept),
   which is what removing the captions' own differences (e.g. their contrast) could reach at best.
