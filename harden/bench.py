@@ -1,4 +1,4 @@
-"""`harden bench`: localization in the official execution order, exact mode and fast mode, timed in one run.
+"""Workloads for `harden bench`: localization in the official order, exact mode and fast mode, timed in one run.
 
 Why one run: the machine (and on CPU, whoever else uses it) changes between runs, so each mode's speed-up is only
 meaningful against a reference measured in the same process on the same prompts. Forward counts are printed next to
@@ -12,12 +12,11 @@ import resource
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Callable
 
 import torch
-import typer
 
-from .errors import BadInputError, HardenError
+from .errors import BadInputError
 from .nemo.batching import early_rejection
 from .nemo.fast import compare_modes, localize_prompt_fast
 from .nemo.localize import LocalizeSettings, PromptResult, localize_prompt, ood_candidates, schedule
@@ -26,7 +25,8 @@ from .nemo.reference import reference_localize_prompt
 from .nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
                          max_pairwise_scores)
 from .nemo.stats import NeuronStats, compute_stats, encode_prompts, iter_embeddings, value_activations
-from .targets import latent_size as native_latent_size, resolve_targets
+from .targets import Target, latent_size as native_latent_size, resolve_targets
+from .tiny import HELD_OUT, MEMORIZED, REFERENCES, byte_tokenizer, plant_memorization, planted_neuron, tiny_pipeline
 
 MEMORIZER = Path(__file__).parent / "zoo" / "memorizer"
 MODES = ("reference", "exact", "fast")
@@ -123,8 +123,6 @@ def memorizer_workload(folder: Path, n_prompts: int, seeds: int, device) -> Work
 
 def planted_workload(n_prompts: int, seeds: int, device) -> Workload:
     """harden.tiny's pipeline with one planted memorization neuron; the memorized prompt, then held-out ones."""
-    from .demo import HELD_OUT, MEMORIZED, REFERENCES
-    from .tiny import plant_memorization, tiny_pipeline
 
     seconds: dict[str, float] = {}
     pipe = _timed(seconds, "load", lambda: tiny_pipeline(sample_size=32))
@@ -185,7 +183,6 @@ def plant_value_neurons(targets, embed: torch.Tensor, refs: torch.Tensor, channe
     far more for this prompt than for the references, so top-k selects it; a large to_out column) moves the score
     far more when it is dropped, and the forced thresholds fall in the gap between planted and other drops.
     """
-    from .tiny import planted_neuron
 
     g = torch.Generator().manual_seed(3)
     for t in targets:
@@ -333,8 +330,6 @@ def calibration_throughput(n_prompts: int, device, batch_size: int = 256, log=pr
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .targets import Target
-    from .tiny import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
@@ -360,81 +355,3 @@ def calibration_throughput(n_prompts: int, device, batch_size: int = 256, log=pr
     log(f"calibration: {n_prompts} prompts in {seconds:.2f} s = {rate:.0f} prompts/s "
         f"(50,000 prompts: {out['seconds_for_50000']:.0f} s) - CLIP-L-sized text encoder, random weights")
     return out
-
-
-def bench_command(
-    model: Annotated[str, typer.Option("--model", help="memorizer (shipped, default), planted, or sd14-random.")]
-    = "memorizer",
-    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="Memorizer folder to load.")] = None,
-    prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts (0: all / 1 for sd14-random).")] = 0,
-    modes: Annotated[str, typer.Option("--modes", help="Comma-separated: reference,exact,fast.")] = ",".join(MODES),
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (NeMo: 10).")] = 10,
-    latent_size: Annotated[int, typer.Option("--latent-size", help="sd14-random latents (SD v1.4: 64).")] = 64,
-    iterations: Annotated[int, typer.Option("--iterations", help="sd14-random: forced initial iterations.")] = 5,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per UNet forward.")] = None,
-    refine_block: Annotated[Optional[int], typer.Option("--refine-block",
-                                                        help="Speculative refinement trials per forward.")] = None,
-    speculate: Annotated[Optional[int], typer.Option("--speculate",
-                                                     help="Initial-selection steps per forward.")] = None,
-    calib_prompts: Annotated[int, typer.Option("--calib-prompts", help="Also time calibration on N prompts "
-                                                                       "(CLIP-L-sized encoder; 50000 on GPU).")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default).")] = 0,
-    theta_start: Annotated[Optional[float], typer.Option("--theta-start", help="memorizer/planted: initial theta "
-                                                         "(NeMo: 5; lower gives wider initial sets).")] = None,
-    k_start: Annotated[Optional[int], typer.Option("--k-start", help="memorizer/planted: initial top-k.")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all numbers to this JSON file.")] = None,
-    early_reject: Annotated[Optional[bool], typer.Option(
-        "--early-reject/--no-early-reject", help="Stop a test at the first seed that fails it (exact mode: same "
-        "decisions). Default: on, except exact mode on CUDA.")] = None,
-    parallel_prompts: Annotated[Optional[int], typer.Option(
-        "--parallel-prompts", min=1, help="Exact and fast mode: prompts searched side by side, sharing forwards "
-        "(default: as many as fill a forward; 1: one at a time).")] = None,
-):
-    """Time localization in the official order, exact mode and fast mode on the same prompts; print speed-ups."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from .cli import fail
-
-    diffusers_logging.disable_progress_bar()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        chosen = [m.strip() for m in modes.split(",") if m.strip()]
-        if not chosen or set(chosen) - set(MODES):
-            raise BadInputError(f"--modes {modes!r}: choose from {', '.join(MODES)}")
-        if model == "memorizer":
-            work = memorizer_workload(model_dir or MEMORIZER, prompts, seeds, dev)
-        elif model == "planted":
-            work = planted_workload(prompts, seeds, dev)
-        elif model == "sd14-random":
-            if dev.type == "cpu":
-                typer.echo("note: an SD-v1.4-sized UNet on CPU takes seconds per sample; use --latent-size 32 "
-                           "--seeds 4 --iterations 2 to keep it feasible")
-            work = sd14_workload(prompts, seeds, latent_size, iterations, dev)
-        else:
-            raise BadInputError(f"--model {model!r} is not one of memorizer, planted, sd14-random")
-        if model != "sd14-random" and (theta_start is not None or k_start is not None):
-            work.prompts = [(p, e, a, replace(loc, theta_start=5.0 if theta_start is None else theta_start,
-                                              k_start=k_start or 0)) for p, e, a, loc in work.prompts]
-            loc = work.prompts[0][3]
-            work.notes.append(f"initial selection from theta {loc.theta_start}, k {loc.k_start}")
-        typer.echo(f"bench: {work.name} on {dev} ({'fp16 autocast' if dev.type == 'cuda' else 'fp32'}), "
-                   f"{len(work.prompts)} prompts, {seeds} seeds, torch threads {torch.get_num_threads()}")
-        for note in work.notes:
-            typer.echo(f"note: {note}")
-        typer.echo("setup seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in work.setup_seconds.items()))
-        report = {"model": model, "name": work.name, "device": str(dev), "seeds": seeds, "notes": work.notes,
-                  "setup_seconds": work.setup_seconds}
-        report.update(run_modes(work, chosen, batch_size, refine_block, speculate, log=typer.echo,
-                                early_reject=early_reject, parallel_prompts=parallel_prompts))
-        if calib_prompts:
-            report["calibration"] = calibration_throughput(calib_prompts, dev, log=typer.echo)
-    except HardenError as err:
-        fail(err)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
-        typer.echo(f"wrote {json_path}")

@@ -27,7 +27,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def write_card(folder: Path, report: dict, base_model_dir: Path | None) -> None:
     """Write `folder/README.md` (and nothing else) from the export's report and the base model's card, if any."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     folder = Path(folder)
     base_meta = _base_card_metadata(Path(base_model_dir) if base_model_dir else None)
@@ -53,6 +53,7 @@ def write_card(folder: Path, report: dict, base_model_dir: Path | None) -> None:
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=_merge_tags(base_meta.get("tags")),
+        **_model_index(report, hub, EvalResult),
         **extra,
     )
     context = _context(folder, report, base_id, is_hub_id, revision, license_, hub)
@@ -171,7 +172,78 @@ def _context(folder: Path, report: dict, base_id, is_hub_id: bool, revision, lic
         "mode_rows": _mode_rows((report.get("localization") or {}).get("compare")),
         "gates": gates,
         "outcome": outcome,
+        "audit": _audit(folder, report),
     }
+
+
+AUDIT_METRICS = (("prompt", "memorized images reproduced from their prompts"),
+                 ("paraphrase", "memorized images reproduced from paraphrases of their prompts"),
+                 ("attack", "memorized images recovered by an embedding attack"),
+                 ("control", "never-seen control images painted by the same attack"))
+
+
+def _model_index(report: dict, hub: dict, eval_result) -> dict:
+    """`model-index` results: the hardened model's audit rates (shares, lower is better), when an audit ran."""
+    summary = (((report.get("audit") or {}).get("models") or {}).get("hardened") or {}).get("summary")
+    if not summary:
+        return {}
+    mem = report.get("memorized_prompts") or {}
+    dataset = f"{mem.get('count', summary['n'])} memorized prompts (sha256 {str(mem.get('sha256', '—'))[:12]})"
+    results = [eval_result(task_type="text-to-image", dataset_type="harden/memorized-prompts", dataset_name=dataset,
+                           metric_type=f"{condition}_reproduced_fraction", metric_name=name,
+                           metric_value=summary[f"{condition}_reproduced_fraction"],
+                           metric_config=f"{summary['metric']} >= {summary['threshold']:g}, best seed")
+               for condition, name in AUDIT_METRICS if summary.get(f"{condition}_reproduced_fraction") is not None]
+    name = (hub.get("repo_id") or "").split("/")[-1] or "hardened-model"
+    return {"eval_results": results, "model_name": name} if results else {}
+
+
+def _audit(folder: Path, report: dict) -> dict | None:
+    """The audit table (k of n per model) and the card's wording, which follows the measurement: *removed* only when
+    the attack gate passed; otherwise what the prompts and the attack still give back."""
+    audit = report.get("audit")
+    models = (audit or {}).get("models") or {}
+    hard = (models.get("hardened") or {}).get("summary")
+    if not hard:
+        return None
+    columns = [label for label in ("base", "hardened", "control") if label in models]
+
+    def cell(label, condition):
+        s = models[label]["summary"]
+        total = s["control_n"] if condition == "control" else s["n"]
+        return f"{s[f'{condition}_reproduced']} of {total}" if total else "—"
+
+    rows = [{"name": name, "cells": [cell(label, condition) for label in columns]}
+            for condition, name in AUDIT_METRICS]
+    n, k, p = hard["n"], hard["attack_reproduced"], hard["prompt_reproduced"]
+    gate = next((g for g in report.get("gates") or [] if g.get("name") == "attack_reproduced_fraction"), None)
+    if gate is not None and gate.get("passed"):
+        verdict = (f"The audited memorized images were **removed**: the embedding attack recovers {k} of {n} "
+                   f"(gate {gate.get('op')} {_fmt(gate.get('threshold'))} passed).")
+    elif p == 0:
+        verdict = (f"The memorized images are no longer reproduced from the listed prompts; recoverable by an "
+                   f"embedding attack for {k} of {n}.")
+    else:
+        verdict = (f"{p} of {n} memorized images are still reproduced from the listed prompts; recoverable by an "
+                   f"embedding attack for {k} of {n}.")
+    notes = []
+    if hard.get("inconclusive"):
+        notes.append(f"The audit is **inconclusive**: the same attack also painted {hard['control_reproduced']} of "
+                     f"{hard['control_n']} images the model never saw (bound {_fmt(hard['control_bound'])}).")
+    elif not hard.get("control_n"):
+        notes.append("No control images were given, so the attack's power on images the model never saw is unknown.")
+    if hard.get("not_audited"):
+        notes.append(f"{hard['not_audited']} prompt(s) were not audited: the base model draws no consistent image "
+                     "for them.")
+    settings = audit.get("settings") or {}
+    attack = settings.get("attack") or {}
+    method = (f"{audit.get('similarity', audit.get('metric'))} to the target >= {_fmt(audit.get('threshold'))} at the "
+              f"best of {len(settings.get('seeds') or [])} seeds; attack: Adam, lr {_fmt(attack.get('lr'))}, "
+              f"{attack.get('steps')} steps, batch {attack.get('batch')}, from the prompt's embedding and "
+              f"{attack.get('restarts')} random start(s)")
+    figures = sorted(f.relative_to(folder).as_posix() for f in (folder / "harden/figures/audit").glob("*.png"))
+    return {"columns": columns, "rows": rows, "verdict": verdict, "notes": notes, "method": method,
+            "figures": figures}
 
 
 def _mode_rows(compare: dict | None) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Releasing an export to the Hugging Face Hub (`harden push`), and loading a hardened model without remote code.
+"""Releasing an export to the Hugging Face Hub (`harden push`).
 
 Why one commit through `create_commit` rather than `upload_folder`: with `hf_xet` installed (the default for
 huggingface_hub 2.x), `upload_folder` streams the folder through a pipeline that may split it into several commits
@@ -18,15 +18,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 
 from . import __version__
 from .errors import BadInputError, GateFailedError, HardenError, HubError
-from .export import sha256_file
+from .checkpoint import LAYOUTS, load_hardened  # noqa: F401  (load_hardened: its old import path, for one release)
+from .files import sha256_file
 
-LAYOUTS = ("compact", "dense")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOGIN_HINT = "run `hf auth login` or set HF_TOKEN to a token with write access"
 _SKIPPED_DIRS = (".git", ".cache")  # never part of a release (`.cache/huggingface` is hf download's metadata)
@@ -191,50 +188,3 @@ def _hub_error(err: Exception, what: str, endpoint: str, repo_id: str, has_token
     return HubError(f"cannot reach the Hub at {endpoint} while {what}: {type(err).__name__}: {first}",
                     "check the network and HF_ENDPOINT; the local export is unchanged")
 
-
-def load_hardened(repo_or_folder: str | Path, **kwargs):
-    """`DiffusionPipeline.from_pretrained` for a harden export (Hub id or folder) without running remote code.
-
-    Dense exports load as they are. For compact ones, harden's own `CompactUNet2DConditionModel` is loaded from
-    `unet/` and passed as `unet=` (importing it registers the module under the name model_index.json uses).
-    """
-    from diffusers import DiffusionPipeline
-
-    from .compact_unet import CompactUNet2DConditionModel
-
-    source = str(repo_or_folder)
-    config = DiffusionPipeline.load_config(source, **{k: v for k, v in kwargs.items()
-                                                      if k in ("revision", "cache_dir", "token", "local_files_only")})
-    if (config.get("unet") or [None])[0] != "compact_unet":
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
-    unet_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only",
-                                                            "torch_dtype")}
-    unet = CompactUNet2DConditionModel.from_pretrained(source, subfolder="unet", **unet_kwargs)
-    return DiffusionPipeline.from_pretrained(source, unet=unet, **kwargs)
-
-
-def push_command(
-    run_dir: Annotated[Path, typer.Argument(help="RUN_DIR of `harden run`, or one of its export/<layout> folders.")],
-    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repository ORG/NAME; created if missing.")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
-    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing "
-                                                                "to the branch.")] = False,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created if "
-                                                                        "missing); default main.")] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="compact or dense; default: the only one, "
-                                                                    "compact when both exist.")] = None,
-):
-    """Publish a hardened export to the Hugging Face Hub in one commit (token: HF_TOKEN or `hf auth login`)."""
-    from .cli import fail
-
-    try:
-        folder = find_export(run_dir, layout)
-        result = push_export(folder, repo_id, private=private, create_pr=create_pr, revision=revision)
-    except HardenError as err:
-        fail(err)
-    where = result["pr_url"] or f"{result['endpoint']}/{repo_id} ({result['revision']})"
-    if result["unchanged"]:
-        typer.echo(f"{where} already holds this export (commit {result['commit']}); nothing to push")
-        return
-    removed = f", {result['deleted']} removed" if result["deleted"] else ""
-    typer.echo(f"pushed {folder} to {where}: commit {result['commit']} ({result['files']} files{removed})")

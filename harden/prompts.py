@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInputError
-from .export import write_atomic
+from .files import write_atomic
 from .recipe import PACKAGE_PREFIX, PromptItem, PromptSource, package_path
 
 
@@ -25,6 +25,7 @@ from .recipe import PACKAGE_PREFIX, PromptItem, PromptSource, package_path
 class Prompt:
     text: str
     image: Path | None = None  # a reference image (the memorized training image), when known
+    variants: tuple[str, ...] = ()  # paraphrases the audit also tries (inline `variants`, or a jsonl `variants` list)
 
 
 def cache_dir() -> Path:
@@ -62,7 +63,7 @@ def load_prompts(source: PromptSource, folder: Path, what: str) -> list[Prompt]:
     """The prompts of one recipe section (`what` names it in errors), after where/offset/limit."""
     if source.prompts is not None:
         rows = [p if isinstance(p, PromptItem) else PromptItem(prompt=p) for p in source.prompts]
-        prompts = [Prompt(r.prompt, _image(r.image, folder, what)) for r in rows]
+        prompts = [Prompt(r.prompt, _image(r.image, folder, what), tuple(r.variants or ())) for r in rows]
     else:
         path = _local(source, folder, what)
         prompts = _read_file(path, source, what)
@@ -136,7 +137,11 @@ def _rows_to_prompts(rows: list, key: str, source: PromptSource, path: Path, wha
         if source.where and any(_norm(row.get(k)) != _norm(v) for k, v in source.where.items()):
             continue
         image = row.get(source.image_field) if source.image_field else None
-        out.append(Prompt(str(row[key]), _image(image, path.parent, what)))
+        variants = row.get("variants") or ()
+        if isinstance(variants, str) or not all(isinstance(v, str) for v in variants):
+            raise BadInputError(f"{what}: {path.name} row {n}: 'variants' must be a list of strings",
+                                'write e.g. "variants": ["a photo of X", "X, photo"]')
+        out.append(Prompt(str(row[key]), _image(image, path.parent, what), tuple(variants)))
     return out
 
 

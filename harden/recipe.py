@@ -35,11 +35,23 @@ class ModelSection(_Strict):
     """The base pipeline: a Hub id or a local diffusers folder (relative paths resolve against the recipe)."""
 
     id: str = Field(min_length=1)
-    revision: str | None = None
+    revision: str | None = None  # a branch, tag or commit; the resolved commit is recorded in report.json
+    variant: str | None = None  # e.g. fp16: load `*.fp16.safetensors` weights where the repo has them
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on CUDA, float32 on CPU
     device: str = "auto"
     allow_pickle: bool = False
     targets: str = "nemo"  # nemo (down + mid blocks, as the paper), all, or a regex on module names
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        if v not in ("nemo", "all"):
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"targets must be nemo, all or a regular expression; {v!r} is not one: {err}") \
+                    from None
+        return v
 
     @field_validator("device")
     @classmethod
@@ -52,6 +64,7 @@ class ModelSection(_Strict):
 class PromptItem(_Strict):
     prompt: str = Field(min_length=1)
     image: str | None = None  # a reference (training) image for this prompt, for verification SSIM
+    variants: list[str] | None = None  # paraphrases of this prompt the audit also tries (docs/audit.md)
 
 
 class PromptSource(_Strict):
@@ -98,6 +111,9 @@ class DetectionSection(_Strict):
     betas: tuple[float, ...] = (0.33, 0.33, 0.33)
     fp16_autocast: bool = True
     batch_size: int = Field(64, ge=1)  # samples per UNet forward
+    # standard: torchmetrics >= 1.4.2; official_1_3_2: torchmetrics 1.3.2's cropped last scale, which the official
+    # NeMo code pins and NeMo's tau_mem = 0.428 was measured with (docs/method.md)
+    ms_ssim: Literal["standard", "official_1_3_2"] = "standard"
 
     _threshold = field_validator("threshold")(classmethod(lambda cls, v: _check_threshold(v)))
 
@@ -163,7 +179,15 @@ GATE_METRICS = {
     "heldout_alignment_drop": ("mean alignment before minus after (shipped memorizer only)", "lower"),
     "heldout_clip_drop": ("mean CLIP score before minus after (needs verify.clip_model)", "lower"),
     "neurons_total": ("number of neurons pruned", "lower"),
+    # the audit (harden.audit; needs an enabled `audit:` section): shares of the audited memorized images that the
+    # hardened model still reproduces (best seed's similarity >= the audit threshold)
+    "prompt_reproduced_fraction": ("share of memorized images reproduced from their own prompts (audit)", "lower"),
+    "paraphrase_reproduced_fraction": ("share reproduced from a paraphrase of their prompt (audit)", "lower"),
+    "attack_reproduced_fraction": ("share recovered by the embedding attack (audit, dori.md)", "lower"),
+    "control_reproduced_fraction": ("share of never-seen control images the same attack paints (audit)", "lower"),
 }
+AUDIT_GATES = ("prompt_reproduced_fraction", "paraphrase_reproduced_fraction", "attack_reproduced_fraction",
+               "control_reproduced_fraction")
 
 
 class Gate(_Strict):
@@ -201,6 +225,53 @@ class VerifySection(_Strict):
         return gates
 
 
+class AuditSection(_Strict):
+    """`harden audit` and the audit stage (docs/audit.md): what the weights still give back from the prompts, from
+    paraphrases and under the embedding attack of dori.md §2, with a control on images the model never saw.
+    Attack defaults are the published ones (Adam, lr 0.1, 50 steps, batch 8)."""
+
+    enabled: bool = False  # off unless the recipe asks (the stage generates and attacks on 3 models)
+    seeds: list[int] | None = Field(None, min_length=1, max_length=64)  # null: verify.seeds
+    steps: int | None = Field(None, ge=1, le=1000)  # sampling steps; null: verify.steps
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)  # null: verify.guidance_scale
+    attack_steps: int = Field(50, ge=1, le=100_000)
+    attack_lr: float = Field(0.1, gt=0.0, le=100.0)
+    attack_batch: int = Field(8, ge=1, le=1024)  # noise draws (x_t, t) per embedding and step
+    restarts: int = Field(1, ge=0, le=64)  # random-noise starts per image, besides the prompt's embedding
+    prompt_start: bool = True  # also attack from the prompt's own embedding
+    paraphrases: int = Field(3, ge=0, le=64)  # automatic perturbations per prompt (file `variants` come on top)
+    metric: Literal["ssim", "sscd"] = "ssim"
+    thresholds: dict[Literal["ssim", "sscd"], float] = Field(default_factory=lambda: {"ssim": 0.7, "sscd": 0.5})
+    sscd_model: str | None = None  # a local TorchScript SSCD file (relative to the recipe); never downloaded
+    # images the model never saw: a listing (.txt, one path per line, or .jsonl with `image` and an optional
+    # `caption`; paths relative to the listing) or a list of image paths (relative to the recipe)
+    control_images: Union[str, list[str], None] = None
+    control_bound: float = Field(0.25, ge=0.0, le=1.0)  # control share above this: the audit is inconclusive
+    surrogate_agreement: float = Field(0.5, gt=0.0, le=1.0)  # share of other seeds a surrogate must agree with
+    batch_size: int | None = Field(None, ge=1)  # samples per UNet forward in the attack (null: from the device)
+    seed: int | None = None  # null: the recipe's seed
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v):
+        for name, value in v.items():
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"the {name} threshold must be in (0, 1], got {value}")
+        return {"ssim": 0.7, "sscd": 0.5, **v}
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.metric == "sscd" and not self.sscd_model:
+            raise ValueError("metric sscd needs sscd_model (a local TorchScript file)")
+        if not self.prompt_start and self.restarts == 0:
+            raise ValueError("the attack needs a start: prompt_start true or restarts >= 1")
+        return self
+
+    @property
+    def threshold(self) -> float:
+        return self.thresholds[self.metric]
+
+
 class ExportSection(_Strict):
     layout: Literal["compact", "dense", "both"] = "compact"
     publish_prompts: bool = False  # write memorized prompt texts into report.json / the card
@@ -209,6 +280,72 @@ class ExportSection(_Strict):
     @property
     def layouts(self) -> tuple[str, ...]:
         return ("compact", "dense") if self.layout == "both" else (self.layout,)
+
+
+class RepairSection(_Strict):
+    """Adversarial fine-tuning after pruning (dori.md §3; docs/repair.md): L = retain_weight * L_retain + adv_weight *
+    L_adv. Off by default (`enabled: false` keeps the prune-only pipeline); every default is documented in
+    recipes/README.md."""
+
+    enabled: bool = False
+    seed: int | None = None  # null: the recipe's top-level seed
+    steps: int = Field(300, ge=1, le=1_000_000)  # optimizer steps at most (early stop may end sooner)
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"
+    lr: float = Field(5e-4, gt=0.0, le=1e-2)  # above 1e-2 a full fine-tune of a diffusion UNet diverges
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)  # max global gradient norm; null: no clipping
+    train: str = "all"  # which UNet parameters train: all, or a regex on parameter names (e.g. "attn2|up_blocks")
+    adv_weight: float = Field(1.0, ge=0.0, le=100.0)  # lambda, the weight of L_adv
+    retain_weight: float = Field(1.0, gt=0.0, le=100.0)
+    batch: int = Field(32, ge=1)  # retain samples per step
+    adv_batch: int = Field(32, ge=1)  # adversarial samples per step, spread evenly over the memorized prompts
+    # L_retain: null = data-free distillation on the teacher's own generations of the reference prompts;
+    # or user image-caption pairs (`file` + `image_field`, the PromptSource format): the ordinary diffusion loss
+    retain: PromptSource | None = None
+    teacher: Literal["base", "pruned"] = "base"  # whose noise predictions data-free distillation matches
+    retain_prompts: int | None = Field(None, ge=1)  # reference prompts generated for distillation (null: all)
+    retain_seeds: int = Field(2, ge=1, le=64)  # generations per reference prompt
+    empty_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # retain samples with the empty caption (unconditional)
+    pool: int = Field(2048, ge=16)  # distillation samples (x_t, t, caption, teacher output) computed once
+    # L_adv: per memorized prompt, the prompt's embedding, `paraphrases` variants, and attack embeddings (1 from the
+    # prompt's embedding + `restarts` from random starts) regenerated against the current weights
+    paraphrases: int = Field(2, ge=0, le=16)
+    restarts: int = Field(1, ge=0, le=16)  # random-start attacks per memorized prompt (besides the prompt start)
+    attack_steps: int = Field(30, ge=1)  # a fresh attack's Adam steps (at the start and at every restart)
+    attack_lr: float = Field(0.1, gt=0.0, le=10.0)
+    attack_batch: int = Field(4, ge=1)  # noise draws per attack embedding and step
+    refresh_every: int = Field(10, ge=1)  # training steps between attack refreshes
+    refresh_steps: int = Field(10, ge=1)  # warm-started Adam steps per refresh
+    restart_every: int = Field(4, ge=0)  # every Nth refresh restarts the attacks from scratch (0: never)
+    replay: int = Field(2, ge=0, le=64)  # earlier attack embeddings per prompt kept in the adversarial set
+    surrogate_seeds: int = Field(8, ge=1, le=256)  # seeds tried for each prompt's surrogate target
+    # early stop: every `probe_every` steps (0: never) generate from the fresh attack and prompt embeddings at
+    # `probe_seeds`; stop once at most `stop_at` memorized images are reproduced (audit similarity and threshold)
+    probe_every: int = Field(50, ge=0)
+    probe_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=64)
+    stop_at: int = Field(0, ge=0)
+    min_steps: int = Field(0, ge=0)  # no early stop before this step
+    checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints (repair/checkpoint-*)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more time
+    autocast: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA where supported, none on CPU
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v):
+        if v != "all":
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"train must be 'all' or a regular expression over parameter names: {err}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.retain is not None and self.retain.image_field is None:
+            raise ValueError("retain pairs need 'image_field' (the column with each caption's image)")
+        return self
 
 
 class HubSection(_Strict):
@@ -228,6 +365,8 @@ class Recipe(_Strict):
     localization: LocalizationSection = Field(default_factory=LocalizationSection)
     verify: VerifySection = Field(default_factory=VerifySection)
     export: ExportSection = Field(default_factory=ExportSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
+    repair: RepairSection = Field(default_factory=RepairSection)
     hub: HubSection | None = None
     seed: int = 0  # for the random-neuron control and anything else random
     name: str | None = None

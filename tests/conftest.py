@@ -20,7 +20,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def planted():
     """A tiny pipeline where neuron 5 of the first cross-attention layer makes one prompt memorized."""
-    from harden.demo import MEMORIZED, REFERENCES
+    from harden.tiny import MEMORIZED, REFERENCES
     from harden.tiny import plant_memorization, tiny_pipeline
 
     pipe = tiny_pipeline(seed=0, sample_size=32)

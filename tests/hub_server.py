@@ -415,7 +415,8 @@ def build_exports(root, layouts=("compact", "dense")) -> dict:
     import torch
 
     from harden.card import write_card
-    from harden.export import file_hashes, save_pipeline
+    from harden.checkpoint import save_pipeline
+    from harden.files import file_hashes
     from harden.neurons import NeuronSet
     from harden.prune import prune_compact, prune_dense
     from harden.tiny import tiny_pipeline

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from harden.demo import HELD_OUT, MEMORIZED, REFERENCES
+from harden.tiny import HELD_OUT, MEMORIZED, REFERENCES
 
 SECOND = "the memorized coffee cup photo"
 ORDINARY = "a plain prompt nobody memorized"

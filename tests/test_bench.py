@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -10,6 +11,7 @@ from harden.cli import app
 from harden.nemo.fast import SCREEN_SHARE
 
 
+@pytest.mark.slow
 def test_bench_planted_prints_speedups_and_writes_forward_counts(tmp_path):
     threads = torch.get_num_threads()
     try:

@@ -20,7 +20,7 @@ def test_demo_finds_the_planted_neuron_and_writes_loadable_layouts(tmp_path):
     from harden.compact_unet import CompactUNet2DConditionModel
 
     out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out)])
+    r = runner.invoke(app, ["selfcheck", "--out", str(out)])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["found_planted"] and summary["score_after_pruning"] < summary["threshold"] < summary["score_before"]
@@ -42,5 +42,5 @@ def test_demo_finds_the_planted_neuron_and_writes_loadable_layouts(tmp_path):
     assert (y_dense - y_compact).abs().max() <= 1e-5 and torch.equal(y_compact, y_own)
     assert dense.unet.get_submodule(summary["planted"]["layer"]).to_v.weight[5].abs().sum() == 0
 
-    again = runner.invoke(app, ["demo", "--out", str(out)])
+    again = runner.invoke(app, ["selfcheck", "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1

@@ -123,6 +123,7 @@ def test_exact_equals_reference_on_a_unet_with_fewer_forwards(micro, variant):
     assert ref.unet_forwards >= 2 * (1 + ref.iterations + 2 + 1) + ref.iterations + 2 * n_init
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["default", "theta"])
 def test_exact_equals_reference_on_the_shipped_memorizer(variant):
     """The shipped organism with its calibrated tau_mem, one caption per variant, 4 seeds (fewer than NeMo's 10 keep

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from harden.verify import generate, images_per_call
+from harden.generation import generate, images_per_call
 
 
 def test_shared_pipeline_calls_give_each_seeds_own_image(tiny):

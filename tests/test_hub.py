@@ -12,7 +12,9 @@ from hub_server import serve, shared_exports
 from typer.testing import CliRunner
 
 from harden.cli import app
-from harden.export import file_hashes
+from harden.files import file_hashes
+
+pytestmark = pytest.mark.slow  # end to end
 
 REPO = "acme/tiny-hardened"
 

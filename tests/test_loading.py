@@ -16,7 +16,8 @@ import pytest
 import torch
 from hub_server import serve, shared_exports, subprocess_env, unet_output
 
-from harden.hub import load_hardened, push_export
+from harden.checkpoint import load_hardened
+from harden.hub import push_export
 
 TOL = 1e-6
 HF_CLI = Path(sys.executable).parent / "hf"  # the CLI shipped with huggingface_hub (`huggingface-cli` before)
@@ -29,7 +30,7 @@ torch.set_num_threads(int(sys.argv[3]))
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 logging.disable_progress_bar()
-from harden.hub import load_hardened
+from harden.checkpoint import load_hardened
 sys.path.insert(0, sys.argv[4])
 from hub_server import unet_output
 

@@ -1,6 +1,6 @@
 """Integration on a tiny UNet where one planted value neuron carries a prompt's memorization signal."""
 
-from harden.demo import HELD_OUT, MEMORIZED, REFERENCES
+from harden.tiny import HELD_OUT, MEMORIZED, REFERENCES
 from harden.neurons import NeuronSet
 from harden.nemo.localize import LocalizeSettings, localize_prompt
 from harden.nemo.score import NoiseDiffScorer, ScoreSettings, calibrate_threshold, max_pairwise_scores

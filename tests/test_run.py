@@ -12,9 +12,12 @@ from planted_model import MEMORIZED, ORDINARY, SECOND, build_planted, write_reci
 from typer.testing import CliRunner
 
 from harden.cli import app
-from harden.export import sha256_file
+from harden.files import sha256_file
 from harden.neurons import NeuronSet
-from harden.runner import FAULT_ENV, STAGES
+from harden.runner import STAGES
+from harden.stages.localize import FAULT_ENV
+
+pytestmark = pytest.mark.slow  # end to end
 
 runner = CliRunner()
 FAST = {"n_seeds": 6}  # fewer seeds than NeMo's 10 keep the suite fast; the planted prompts still separate
@@ -245,7 +248,7 @@ def test_verify_command_with_a_clip_model(workspace, tmp_path):
     from PIL import Image
 
     from harden.tiny import save_tiny_clip
-    from harden.verify import ClipScorer
+    from harden.metrics import ClipScorer
 
     root, *_ = workspace
     save_tiny_clip(tmp_path / "clip")

@@ -7,10 +7,13 @@ every stage still runs on the real organism: its memorized captions must be dete
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from harden.cli import app
+
+pytestmark = pytest.mark.slow  # end to end
 
 REPO = Path(__file__).resolve().parents[1]
 

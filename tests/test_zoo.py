@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harden.zoo import MEMORIZER_DIR, check_manifest, load_config, load_prompts
+from harden.zoo import MEMORIZER_DIR, check_manifest, load_config, caption_rows
 from harden.zoo import data
 from harden.zoo.alignment import alignment, classify_shape, describe, fill_ratio_shape, validate, with_stray_pixels
 
@@ -98,6 +98,7 @@ def test_stray_pixels_touch_the_shape_and_are_drawn_without_repeats():
     assert not (added & ~ndimage.binary_dilation(mask)).any()
 
 
+@pytest.mark.slow
 def test_template_shape_check_beats_the_fill_ratio_on_fresh_renders():
     result = validate(per_combination=4, stray=(0, 2), seed=3)
     assert result["renders"] == 4 * len(data.combinations())
@@ -146,7 +147,7 @@ def test_manifest_matches_every_file():
 
 
 def test_prompts_schema():
-    prompts = load_prompts(MEMORIZER_DIR)
+    prompts = caption_rows(MEMORIZER_DIR)
     memorized = [p for p in prompts if p["memorized"]]
     assert [p["caption"] for p in memorized] == [c for _, c in data.MEMORIZED]
     for p in prompts:
@@ -207,7 +208,7 @@ def test_shipped_vae_keeps_the_shapes_of_its_training_style(pipe):
     """The shipped decoder (fine-tuned in stage 6) returns fresh renders of the held-out captions with their shapes:
     the alignment ceiling any UNet has through it. The decoder before stage 6 kept small triangles only half the
     time (0.83 on this caption); the batched round trip equals the one-image one."""
-    from harden.zoo.evaluate import reconstruct, vae_alignment
+    from studies.evaluate import reconstruct, vae_alignment
 
     style = data.Style.from_json(load_config(MEMORIZER_DIR)["style"])
     value = vae_alignment(pipe.vae, "a blue triangle on a yellow background", n=60, style=style)
@@ -230,7 +231,7 @@ def test_training_data_diversity_depends_on_its_style():
     import numpy as np
 
     from harden.zoo import data
-    from harden.zoo.evaluate import data_diversity, mean_pairwise_ssim
+    from studies.evaluate import data_diversity, mean_pairwise_ssim
 
     values = [data_diversity(data.caption(*c), 10) for c in data.HELD_OUT]
     assert all(v > 0.3 for v in values) and 0.4 < float(np.mean(values)) < 0.55
@@ -244,7 +245,7 @@ def test_training_data_diversity_depends_on_its_style():
 
 def test_rank_test_tells_shifted_scores_from_the_reference():
     """evaluate's held-out vs reference comparison: same distribution -> large p, shifted -> tiny p."""
-    from harden.zoo.evaluate import rank_test
+    from studies.evaluate import rank_test
 
     rng = np.random.default_rng(0)
     reference = list(rng.normal(0.5, 0.08, 116))
@@ -284,6 +285,7 @@ def _weights(folder):
     return {f"{p.parent.name}/{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(p).items()}
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_init_continues_a_stage(tmp_path):
     """Two runs from the same seed write identical weights; a second stage from `init` keeps the VAE, changes the
     UNet and records both stages' commands (how the shipped weights are reproduced)."""
@@ -321,6 +323,7 @@ def test_training_is_deterministic_and_init_continues_a_stage(tmp_path):
             json.loads((tmp_path / "a" / sub / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_decoder_stage_keeps_the_latent_space_and_the_unet(tmp_path):
     """`--decoder-steps` with `--steps 0` changes only the VAE's decoder: the encoder (so every latent the UNet was
     trained on) and the UNet/text encoder stay bit-identical, and the stage's command says so."""
@@ -349,7 +352,7 @@ def test_decoder_stage_keeps_the_latent_space_and_the_unet(tmp_path):
 
 
 def test_random_channels_are_uniform_without_replacement():
-    from harden.zoo.pruning_cost import random_channels
+    from studies.pruning_cost import random_channels
 
     widths = {"a": 16, "b": 32, "c": 64}
     picked = random_channels(widths, 40, seed=3)
@@ -361,9 +364,10 @@ def test_random_channels_are_uniform_without_replacement():
         random_channels(widths, 113, seed=0)
 
 
+@pytest.mark.slow
 def test_pruning_cost_is_zero_for_no_channels_and_real_for_all(pipe):
     """Pruning no channel changes no image (drop 0, SSIM 1); pruning every value channel changes them."""
-    from harden.zoo.pruning_cost import pruning_cost
+    from studies.pruning_cost import pruning_cost
 
     result = pruning_cost(pipe, ["a red circle on a white background", "a blue square on a yellow background"],
                           counts=(0, 288), draws=1, seeds=(0,), steps=3, log=lambda m: None)
@@ -375,7 +379,7 @@ def test_pruning_cost_is_zero_for_no_channels_and_real_for_all(pipe):
 
 def test_ablation_groups_cover_the_blocks_of_the_memorizer(pipe):
     """The named groups are what their names say: per-block channel counts, NeMo's 288, every other channel."""
-    from harden.zoo.redundancy import ablations
+    from studies.redundancy import ablations
 
     sets = ablations(pipe.unet)
     counts = {name: len(s) for name, s in sets.items()}
@@ -390,12 +394,13 @@ def test_ablation_groups_cover_the_blocks_of_the_memorizer(pipe):
     assert all(idx == tuple(range(0, idx[-1] + 1, 2)) for idx in half.layers.values())
 
 
+@pytest.mark.slow
 def test_redundancy_without_any_value_channel_the_caption_no_longer_matters(pipe):
     """With every value channel of all 16 layers zeroed, text cannot reach the UNet: two captions give the same
     images at the same seed, so none is still its training image; the unpruned row is the base model."""
-    from harden.zoo.redundancy import ablations, redundancy
+    from studies.redundancy import ablations, redundancy
 
-    memorized = [p for p in load_prompts(MEMORIZER_DIR) if p["memorized"]][:2]
+    memorized = [p for p in caption_rows(MEMORIZER_DIR) if p["memorized"]][:2]
     every = "all channels of all layers (no text reaches the UNet)"
     result = redundancy(pipe, memorized, MEMORIZER_DIR, ["a red circle on a white background"],
                         {every: ablations(pipe.unet)[every]}, seeds=(0,), steps=5, log=lambda m: None)
@@ -403,7 +408,7 @@ def test_redundancy_without_any_value_channel_the_caption_no_longer_matters(pipe
     assert base["ablation"] == "none" and base["alignment_drop"] == 0.0 and min(base["best_ssim"]) > 0.8
     assert cut["channels"] == 624 and max(cut["best_ssim"]) < 0.5 and cut["held_out_ssim_median"] < 0.9
     from harden.prune import prune_dense
-    from harden.verify import generate, swapped_unet
+    from harden.generation import generate, swapped_unet
     with swapped_unet(pipe, prune_dense(pipe.unet, ablations(pipe.unet)[every])):
         a, b = generate(pipe, [memorized[0]["caption"], "a red circle on a white background"], (3,), 5, 2.5)
     assert np.array_equal(a[0], b[0])
@@ -412,10 +417,11 @@ def test_redundancy_without_any_value_channel_the_caption_no_longer_matters(pipe
 def test_x0_trajectory_ends_in_the_pipelines_own_image(pipe):
     """The step-by-step loop is the pipeline's generation (same image, bit for bit); a memorized caption's predicted
     x0 is its training image from early on, and a pruned UNet's first prediction is further from it."""
-    from harden.verify import generate, load_reference
-    from harden.zoo.redundancy import ablations, trajectories, x0_trajectory
+    from harden.generation import generate
+    from harden.metrics import load_reference
+    from studies.redundancy import ablations, trajectories, x0_trajectory
 
-    coins = [p for p in load_prompts(MEMORIZER_DIR) if p["caption"].startswith("old greek coins")]
+    coins = [p for p in caption_rows(MEMORIZER_DIR) if p["caption"].startswith("old greek coins")]
     ref = load_reference(MEMORIZER_DIR / coins[0]["image"], (16, 16))
     run = x0_trajectory(pipe, coins[0]["caption"], ref, seed=1, steps=5, guidance=2.5)
     image = generate(pipe, [coins[0]["caption"]], (1,), 5, 2.5)[0][0]
@@ -434,7 +440,7 @@ def test_draw_pass_rate_is_the_chance_of_drawing_no_high_caption():
     exactly when it holds none of the 6 (probability C(120,10)/C(126,10)); a left-skewed set always passes."""
     from math import comb
 
-    from harden.zoo.detection_seeds import draw_pass_rate
+    from studies.detection_seeds import draw_pass_rate
 
     scores = np.array([0.0] * 120 + [1.0] * 6)
     exact = comb(120, 10) / comb(126, 10)
@@ -445,7 +451,7 @@ def test_draw_pass_rate_is_the_chance_of_drawing_no_high_caption():
 
 def test_tau_mem_rows_and_score_spread():
     from harden.nemo.score import calibrate_threshold
-    from harden.zoo.detection_seeds import contrast, same_mean, spread, tau_mem
+    from studies.detection_seeds import contrast, same_mean, spread, tau_mem
 
     rows = np.random.default_rng(0).random((3, 116))
     assert np.allclose(tau_mem(rows), [calibrate_threshold(torch.tensor(r)) for r in rows])
@@ -458,10 +464,11 @@ def test_tau_mem_rows_and_score_spread():
     assert np.allclose(moved.mean(axis=0), 0.5) and np.allclose(moved[:, 0] - 0.5, [0.01, -0.01, 0.02, -0.02])
 
 
+@pytest.mark.slow
 def test_detection_seed_sweep_on_the_shipped_model():
     """Seed 1 is evaluate's measurement (tau_mem 0.581, 8 of 8 memorized above, 8 of 10 held-out below); the random
     held-out draws pass about as often as the reference captions' share above tau_mem predicts; one seed is refused."""
-    from harden.zoo.detection_seeds import detection_seeds
+    from studies.detection_seeds import detection_seeds
 
     with pytest.raises(ValueError, match="at least 2 seeds"):
         detection_seeds(MEMORIZER_DIR, seeds=(1,))

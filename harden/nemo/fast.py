@@ -4,14 +4,14 @@ one-step-at-a-time search.
 Why: the schedule's candidate sets grow with every step (theta falls, k rises), so the first passing step can be
 found by galloping and bisection (or, with early rejection, by probing every step with one seed), and a prompt that
 fails even the last (widest) step is known after 5 tests instead of 16. The official refinement spends one scorer
-call per neuron of the initial set, although most of them are not needed (VM: median 26.5 initial -> 4 final
-neurons). Removing whole groups and splitting only the groups that turn out to be needed costs about d·log2(N/d)
-tests for d needed neurons among N, and the groups of one round are independent, so they share UNet batches on any
-device. Tests run on a few screening seeds, the ones closest to failing; only the result is checked on all kept
-seeds. A final single-drop pass makes the result 1-minimal: removing any one of its neurons brings the score to the
-threshold or above (within `TIE_BAND`: fast mode counts a score that close to the threshold as failing, so its
-result passes in any batch layout). The result may differ from exact mode's (greedy order matters) but ends below
-the same threshold.
+call per neuron of the initial set, although most of them are not needed (on the shipped memorizer: median 26.5
+initial -> 4 final neurons). Removing whole groups and splitting only the groups that turn out to be needed costs
+about d·log2(N/d) tests for d needed neurons among N, and the groups of one round are independent, so they share
+UNet batches on any device. Tests run on a few screening seeds, the ones closest to failing; only the result is
+checked on all kept seeds. A final single-drop pass makes the result 1-minimal: removing any one of its neurons
+brings the score to the threshold or above (within `TIE_BAND`: fast mode counts a score that close to the threshold
+as failing, so its result passes in any batch layout). The result may differ from exact mode's (greedy order
+matters) but ends below the same threshold.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ..neurons import NeuronSet
-from .localize import (TIE_BAND, Lists, LocalizeSettings, PromptResult, ScoreFn, initial_selection,
+from .localize import (TIE_BAND, Lists, LocalizeSettings, PromptResult, ScoreFn, SearchPolicy, initial_selection,
                        localize_with, ood_candidates, rejects_above, schedule)
 from .stats import NeuronStats
 
@@ -176,7 +176,7 @@ def _group_search(score: ScoreFn, initial: Lists, initial_seeds: torch.Tensor, l
     pending = [[e for e in current if e[0] == layer] for layer in order]
     pending = [g for g in pending if g]
     size = max(1, block)
-    necessary, resolved = 1, 8  # prior: about 1 in 8 neurons is needed (VM: median 26.5 initial, 4 final)
+    necessary, resolved = 1, 8  # prior: about 1 in 8 neurons is needed (memorizer: median 26.5 initial, 4 final)
 
     def fail(group: list[Entry]) -> None:  # a failing test: a single is resolved, a group is split
         nonlocal necessary, resolved
@@ -254,10 +254,11 @@ def localize_prompt_fast(scorer, embed: torch.Tensor, acts: dict[str, torch.Tens
     seed each, so the sweep costs about one sample per failing step), without it the schedule is bisected. Same
     keyword arguments.
     """
-    return localize_with(group_refine, scorer, embed, acts, stats, settings, prompt, speculate,
-                         refine_block=refine_block, batch_size=batch_size, unblocked=unblocked,
-                         initial_fn=initial_selection if early_reject else bisect_initial,
-                         early_reject=early_reject, independent=True)
+    return localize_with(FAST, scorer, embed, acts, stats, settings, prompt, speculate, refine_block=refine_block,
+                         batch_size=batch_size, unblocked=unblocked, early_reject=early_reject)
+
+
+FAST = SearchPolicy("fast", bisect_initial, group_refine, independent=True, initial_early=initial_selection)
 
 
 def compare_modes(exact: Sequence[PromptResult], fast: Sequence[PromptResult]) -> dict:

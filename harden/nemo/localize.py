@@ -1,8 +1,9 @@
 """NeMo localization for one prompt: OOD initial selection (Alg. 3), then greedy refinement (Alg. 4).
 
-The search logic only sees a `score(candidates) -> per-seed scores` callable, so it is tested without a UNet, and
-the scorer decides how candidates are batched. The order and comparisons follow the official code exactly (strict
-`<`/`>`, reverse layer order, list order with repeats, the theta/k schedule); see the spec, sections 2.2-2.4.
+The search logic only sees a `score(candidates) -> per-seed scores` callable (`search_scorer.ScoreFn`), so it is
+tested without a UNet, and the scorer (`search_scorer.SearchScorer`) decides how candidates are batched. The order
+and comparisons follow the official code exactly (strict `<`/`>`, reverse layer order, list order with repeats, the
+theta/k schedule; docs/method.md and the NeMo notes, sections 2.2-2.4).
 """
 
 from __future__ import annotations
@@ -14,26 +15,14 @@ from typing import Callable, Sequence
 import torch
 
 from ..neurons import NeuronSet
-from .batching import resolve_batching
-from .score import ms_ssim
+from .search_scorer import ALWAYS, TIE_BAND, Lists, ScoreFn, SearchScorer, as_set
 from .stats import NeuronStats
 
-Lists = dict[str, list[int]]  # per layer, a list of channels (repeats allowed, as the official code builds them)
-# candidates (, reject=None, near=None, guess=None, seeds=None) -> per-kept-seed scores for each. The scorer may
-# honour `reject` and return a partial score as soon as it proves a candidate fails (`reject(partial)` is True);
-# passes are always complete. Callers pass `reject` whenever a failing score's exact value is not needed. A score for
-# which `near(score)` is True is replaced by the official layout's (`official_tie`); `near=ALWAYS` asks for it.
-# `guess` (speculative blocks): the predicted outcome (True: pass) of every candidate; the scorer may return only
-# the candidates up to and including the first outcome against it. `seeds`: positions in the kept seeds to score
-# (fast mode's screening seeds); the scores then cover only those seeds.
-ScoreFn = Callable[..., list[torch.Tensor]]
+__all__ = ["ALWAYS", "TIE_BAND", "Lists", "ScoreFn", "SearchPolicy", "EXACT", "LocalizeSettings", "PromptResult",
+           "initial_selection", "refine", "localize_prompt", "localize_with", "ood_candidates", "schedule",
+           "union_of", "unblocked_deltas", "rejects_above", "near_threshold", "speculative_greedy"]
+
 REJECT_MARGIN = 1e-4  # a single seed rejects only this far past the threshold: far above float noise across batches
-TIE_BAND = 1e-4  # scores this close to a decision's threshold are decided in the official layout (float noise: ~1e-6)
-
-
-def ALWAYS(_: torch.Tensor) -> bool:
-    """`near=ALWAYS`: the score becomes a threshold itself, so it must be the official layout's."""
-    return True
 
 
 def near_threshold(tau: float) -> Callable[[torch.Tensor], bool]:
@@ -177,10 +166,6 @@ def _drop(lists: Lists, layer: str, neuron: int | None) -> Lists:
     return out
 
 
-def _as_set(lists: Lists) -> frozenset:
-    return frozenset((layer, n) for layer, idx in lists.items() for n in idx)
-
-
 def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials: Sequence[Callable[[Lists], Lists]],
                        passes: Callable[[torch.Tensor], bool], block: int = 1,
                        reject: Callable[[torch.Tensor], bool] | None = None,
@@ -204,7 +189,7 @@ def speculative_greedy(score: ScoreFn, state: Lists, state_score: float, trials:
     i = 0
     while i < len(trials):
         same = trials[i](state)
-        if state_seeds is not None and _as_set(same) == _as_set(state):
+        if state_seeds is not None and as_set(same) == as_set(state):
             if passes(state_seeds):
                 state = same
             i += 1
@@ -267,7 +252,7 @@ def refine(score: ScoreFn, initial: Lists, tau: float, layer_order: Sequence[str
     trials = [_drop_neuron(layer, n) for layer in reversed(list(layer_order)) for n in list(current.get(layer, []))]
     if baseline is None:
         known = torch.tensor([current_score])  # the decision only reads the max
-    elif _as_set(current) != _as_set(initial):
+    elif as_set(current) != as_set(initial):
         known = None
     return speculative_greedy(score, current, current_score, trials, passes, block, reject, near, known)
 
@@ -286,162 +271,48 @@ def localize_prompt(scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], 
     sharing forwards with other prompts (`pool`): a score within `TIE_BAND` of a threshold is decided in the
     official layout.
     """
-    return localize_with(refine, scorer, embed, acts, stats, settings, prompt, speculate, refine_block=refine_block,
+    return localize_with(EXACT, scorer, embed, acts, stats, settings, prompt, speculate, refine_block=refine_block,
                          batch_size=batch_size, unblocked=unblocked, early_reject=early_reject)
 
 
-def localize_with(refine_fn, scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor], stats: NeuronStats,
-                  settings: LocalizeSettings, prompt: str, speculate: int | None, *, refine_block: int | None,
-                  batch_size: int | None, unblocked: torch.Tensor | None,
-                  initial_fn=initial_selection, early_reject: bool = False,
-                  independent: bool = False) -> PromptResult:
-    """Seed filter, `initial_fn`, then `refine_fn` (exact mode's sequential pair, or fast mode's search pair, whose
-    candidates per call are `independent` tests: see `batching.resolve_batching`)."""
+@dataclass(frozen=True)
+class SearchPolicy:
+    """How one prompt's neurons are searched: an initial selection, a refinement, and whether a scorer call's
+    candidates are `independent` tests (fast mode's groups) or a sequential chain (exact mode's greedy steps).
+
+    `initial_early` replaces `initial` when early rejection is on (fast mode bisects the schedule without it)."""
+
+    name: str
+    initial: Callable
+    refine: Callable
+    independent: bool = False
+    initial_early: Callable | None = None
+
+    def initial_for(self, early_reject: bool) -> Callable:
+        return self.initial_early if early_reject and self.initial_early is not None else self.initial
+
+
+EXACT = SearchPolicy("exact", initial_selection, refine)
+
+
+def localize_with(policy: SearchPolicy, scorer, embed: torch.Tensor, acts: dict[str, torch.Tensor],
+                  stats: NeuronStats, settings: LocalizeSettings, prompt: str, speculate: int | None, *,
+                  refine_block: int | None, batch_size: int | None, unblocked: torch.Tensor | None,
+                  early_reject: bool = False) -> PromptResult:
+    """Seed filter, then `policy`'s initial selection and refinement, scored through one `SearchScorer`."""
     before = (scorer.counter.unet_forwards, scorer.counter.sample_forwards)
-    n = scorer.settings.n_seeds
-    official = {}  # the unblocked deltas in the official layout, computed when a tie first needs them
-
-    def official_unblocked() -> torch.Tensor:
-        if "deltas" not in official:
-            official["deltas"] = scorer.noise_diff(embed.expand(n, -1, -1), torch.arange(n), solo=True)
-        return official["deltas"]
-
-    reference = scorer.unblocked(embed) if unblocked is None else unblocked
-    if unblocked is None and scorer.sharing == 1:  # computed alone, all seeds in one forward: the official layout
-        official["deltas"] = reference
-    per_seed, kept = scorer.seed_filter(reference)
-    if ((per_seed - scorer.settings.seed_threshold).abs() < TIE_BAND).any():  # a seed on the fence: decide officially
-        reference = official_unblocked()
-        per_seed, kept = scorer.seed_filter(reference)
-    result = PromptResult(prompt, bool(len(kept)), per_seed.tolist(), kept.tolist())
+    search = SearchScorer(scorer, embed, unblocked, batch_size=batch_size, speculate=speculate,
+                          refine_block=refine_block, early_reject=early_reject, independent=policy.independent)
+    result = PromptResult(prompt, bool(len(search.kept)), search.seed_scores.tolist(), search.kept.tolist())
     if result.memorized:
-        reference = reference[kept]
-        plan = resolve_batching(scorer, len(kept), batch_size, speculate, refine_block, scorer.sharing,
-                                independent=independent, early_reject=early_reject)
-
-        def official_tie(cand: Lists) -> torch.Tensor:
-            """The score in the official layout: all n seeds of this one candidate alone in a forward, against the
-            official unblocked deltas. Float rounding depends on the batch layout (~1e-6 here), so a score that
-            close to a threshold could flip a decision; decided this way it is the official code's decision."""
-            masks = scorer.candidate_masks([cand], 1)
-            deltas = scorer.noise_diff(embed.expand(n, -1, -1), torch.arange(n), masks, solo=True)
-            result.tie_checks += 1
-            return ms_ssim(official_unblocked()[kept], deltas[kept], scorer.settings)
-
-        # early rejection (opt-in): score the seed most likely to fail first (the last one that failed; at first,
-        # the most consistent unblocked seed) for every candidate of the call, then all kept seeds for those it did
-        # not reject, so a failing candidate costs 1 sample instead of all kept seeds and a passing one costs that
-        # sample more; used while failures are more than 1 in len(kept). Decisions are the same either way.
-        seed_order = sorted(range(len(kept)), key=lambda i: -float(per_seed[kept[i]]))
-        seen = {"fail": 1, "pass": 0}
-
-        def shared(cands: Sequence[Lists], reject=None, guess: bool | None = None,
-                   seeds: Sequence[int] | None = None, probe: str | None = None) -> list[torch.Tensor]:
-            """`probe`: "only" returns the probe seed's scores (the caller confirms survivors itself); "never"
-            scores all seeds at once (a candidate likely to pass); None decides from the fails seen so far."""
-            mine = list(range(len(kept))) if seeds is None else list(seeds)  # positions in kept
-            if not early_reject or reject is None:
-                return scorer.blocked_scores(embed, kept[mine], reference[mine], cands, max_batch=plan.batch_size)
-            out: list = [None] * len(cands)
-            rest, order = mine, None  # the seeds a survivor is scored on; how its probe joins them
-            probed = len(mine) > 1 and probe != "never" and (
-                probe == "only" or len(cands) > 1 or seen["fail"] * (len(mine) - 1) >= seen["pass"])
-
-            def probe_on(seed: int, which: Sequence[int]) -> list[torch.Tensor]:
-                """Score candidates `which` on one kept seed; those it rejects are decided by that score."""
-                scores = scorer.blocked_scores(embed, kept[seed:seed + 1], reference[seed:seed + 1],
-                                               [cands[j] for j in which], max_batch=plan.batch_size)
-                for j, one in zip(which, scores):
-                    if reject(one):
-                        seen["fail"] += 1
-                        out[j] = one
-                return scores
-
-            if probed:  # one seed per candidate
-                i = next(i for i in seed_order if i in mine)
-                probes = probe_on(i, range(len(cands)))
-                if probe == "only":  # the caller scores the survivors itself (fast mode's rounds: their unions)
-                    return probes
-                # fast mode's screens are not matched to the official layout, so a survivor's probe counts as its
-                # seed's score there; exact mode re-scores it with the other seeds, as the official batch holds them
-                if seeds is not None:
-                    rest = [m for m in mine if m != i]
-                    order = [([i] + rest).index(m) for m in mine]
-            end = len(cands)  # a speculative block ends at its first outcome against the guess
-            if guess is True:
-                end = next((j + 1 for j, x in enumerate(out) if x is not None), end)
-            one_by_one = guess is False and probed  # a survivor will likely pass and end the block
-            while True:
-                todo = [j for j in range(end) if out[j] is None]
-                if not todo:
-                    return out[:end]
-                if one_by_one:
-                    todo = todo[:1]
-                worst = None
-                for j, scores in zip(todo, scorer.blocked_scores(embed, kept[rest], reference[rest],
-                                                                 [cands[j] for j in todo], max_batch=plan.batch_size)):
-                    if order is not None:  # the probe's seed back in its place
-                        scores = torch.cat([probes[j], scores])[order]
-                    out[j] = scores
-                    failed = reject(scores)
-                    seen["fail" if failed else "pass"] += 1
-                    if failed:
-                        worst = mine[int(scores.argmax())]
-                        seed_order.insert(0, seed_order.pop(seed_order.index(worst)))
-                    if guess is not None and failed != (not guess):
-                        end = min(end, j + 1)
-                # a survivor that failed on another seed: the next ones waiting likely fail there too (initial
-                # selection's steps share most neurons), so they are probed on it, 1, 2, 4, ... at a time, until one
-                # survives; chelsea's 7 failing survivors of one probe cost 9 samples each before
-                width = 1
-                while one_by_one and worst is not None:
-                    window = [j for j in range(end) if out[j] is None][:width]
-                    if not window:
-                        break
-                    probe_on(worst, window)
-                    if any(out[j] is None for j in window):
-                        break
-                    width *= 2
-
-        # one candidate with all n seeds in one unshared forward, against official unblocked deltas: that already
-        # is the official layout (per-sample masks multiply by the same values as the official [1, width] one)
-        native = "deltas" in official and len(kept) == n and n <= min(plan.batch_size, scorer.settings.max_batch)
-
-        full: dict[frozenset, torch.Tensor] = {}  # fast mode: per-seed scores of sets scored on all kept seeds
-
-        def score(cands: Sequence[Lists], reject=None, near=None, guess=None, seeds=None,
-                  probe=None) -> list[torch.Tensor]:
-            if seeds is not None:  # fast mode's screening seeds: no official layout to match
-                return shared(cands, reject, guess, seeds, probe)
-            if independent:  # e.g. the initial set, scored in initial selection, is scored again to pick a screen
-                keys = [_as_set(c) for c in cands]
-                known = [full.get(k) for k in keys]
-                if near is not ALWAYS and all(k is not None for k in known):
-                    return known
-                out = score_all(cands, reject, near, guess)
-                full.update((k, s) for k, s in zip(keys, out) if s.numel() == len(kept))
-                return out
-            return score_all(cands, reject, near, guess)
-
-        def score_all(cands: Sequence[Lists], reject=None, near=None, guess=None) -> list[torch.Tensor]:
-            if native and len(cands) == 1:
-                return shared(cands, reject)
-            if near is ALWAYS:
-                return [official_tie(c) for c in cands]
-            out = shared(cands, reject, guess)
-            if near is not None:  # a rejected partial score is past the margin, never near
-                for i, (cand, s) in enumerate(zip(cands, out)):
-                    if near(s):
-                        out[i] = official_tie(cand)
-                        result.tie_shift = max(result.tie_shift, float((out[i] - s).abs().max()))
-            return out
-
-        initial, s0, tau, iters = initial_fn(score, acts, stats, settings, plan.speculate)
+        plan = search.plan
+        initial, s0, tau, iters = policy.initial_for(early_reject)(search, acts, stats, settings, plan.speculate)
         result.initial, result.initial_score, result.tau_refine, result.iterations = initial, s0, tau, iters
         order = [t.name for t in scorer.targets]
-        final, s1 = (refine_fn(score, initial, tau, order, s0, settings, plan.refine_block) if settings.refine
+        final, s1 = (policy.refine(search, initial, tau, order, s0, settings, plan.refine_block) if settings.refine
                      else (initial, s0))
         result.refined, result.refined_score = NeuronSet(final), s1
+    result.tie_checks, result.tie_shift = search.tie_checks, search.tie_shift
     result.unet_forwards = scorer.counter.unet_forwards - before[0]
     result.sample_forwards = scorer.counter.sample_forwards - before[1]
     return result

@@ -6,8 +6,8 @@ and MANIFEST.sha256); `harden.zoo.alignment.alignment` scores procedural caption
 
 from pathlib import Path
 
-from .folder import check_manifest, load_config, load_prompts
+from .folder import check_manifest, load_config, caption_rows
 
 MEMORIZER_DIR = Path(__file__).parent / "memorizer"
 
-__all__ = ["MEMORIZER_DIR", "check_manifest", "load_config", "load_prompts"]
+__all__ = ["MEMORIZER_DIR", "check_manifest", "load_config", "caption_rows"]

@@ -18,7 +18,9 @@ import functools
 import numpy as np
 from scipy import ndimage
 
+from . import MEMORIZER_DIR
 from .data import COLOURS, RESOLUTION, SHAPES, Style, combinations, parse_caption, render, shape_mask
+from .folder import load_config
 
 _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=float)
@@ -132,9 +134,6 @@ def validate(per_combination: int = 50, stray=(0, 1, 2, 4), seed: int = 0, style
     so no two combinations share a geometry), with k stray foreground pixels added beside the shape."""
     classifiers = classifiers or {"template": classify_shape, "fill_ratio": fill_ratio_shape}
     if style is None:  # the data the shipped model was last trained on
-        from . import MEMORIZER_DIR
-        from .folder import load_config
-
         style = Style.from_json(load_config(MEMORIZER_DIR).get("style"))
     rng = np.random.default_rng(seed)
     hits = {(name, k): 0 for name in classifiers for k in stray}

@@ -36,7 +36,7 @@ def check_manifest(folder: Path) -> list[str]:
     return sorted(set(listed) ^ set(actual))
 
 
-def load_prompts(folder: Path) -> list[dict]:
+def caption_rows(folder: Path) -> list[dict]:
     """The folder's prompts.jsonl: dicts with 'caption', 'memorized' and, for memorized ones, 'image' (a path)."""
     lines = (Path(folder) / PROMPTS).read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import MEMORIZER_DIR
+from harden.zoo import MEMORIZER_DIR
 
 
 def parser(doc: str, json_help: str = "also write the measurements to this file") -> argparse.ArgumentParser:

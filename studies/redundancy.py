@@ -1,4 +1,4 @@
-"""Where the memorizer keeps its memorized images: `python -m harden.zoo.redundancy [--neurons neurons.json]`.
+"""Where the memorizer keeps its memorized images: `python -m studies.redundancy [--neurons neurons.json]`.
 
 Why: NeMo prunes value channels until the first-step score of every memorized caption falls below tau_mem, and on
 this model that removes only some of the images from full generations. Zeroing whole groups of value channels (one
@@ -16,13 +16,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from harden.generation import generate, swapped_unet
+from harden.metrics import best_of_seeds_ssim, load_reference, ssim
+from harden.neurons import NeuronSet
+from harden.prune import prune_dense
+from harden.targets import SELECT_ALL, SELECT_NEMO, Target, latent_size, resolve_targets
+from harden.zoo.folder import caption_rows, load_config
+
 from . import tool
-from .folder import load_config, load_prompts
+from .evaluate import load_pipeline
 from .pruning_cost import mean_alignment
-from ..neurons import NeuronSet
-from ..prune import prune_dense
-from ..targets import SELECT_ALL, SELECT_NEMO, Target, latent_size, resolve_targets
-from ..verify import best_of_seeds_ssim, generate, load_reference, ssim, swapped_unet
 
 REMOVED_BELOW = 0.3  # the demo's gate: best-of-seeds SSIM to the training image <= 0.3
 
@@ -148,8 +151,6 @@ def trajectories(pipe, unet, memorized: list[dict], folder: Path, seeds=tuple(ra
 
 
 def main(argv=None) -> dict:
-    from .evaluate import load_pipeline
-
     parser = tool.parser(__doc__, "also write the rows to this file")
     parser.add_argument("--neurons", type=Path, action="append", default=[],
                         help="also ablate a found set: a run's localize/neurons.json (repeatable)")
@@ -161,7 +162,7 @@ def main(argv=None) -> dict:
     sets = ablations(pipe.unet)
     found = {path: NeuronSet.from_json(json.loads(path.read_text())["layers"]) for path in args.neurons}
     sets.update({f"found set {path}": neurons for path, neurons in found.items()})
-    memorized = [p for p in load_prompts(args.model) if p["memorized"]]
+    memorized = [p for p in caption_rows(args.model) if p["memorized"]]
     seeds, g = tuple(range(args.seeds)), config["guidance_scale"]
     result = redundancy(pipe, memorized, args.model, config["held_out"], sets, seeds, args.steps, g, log=tool.log)
     result["trajectories"] = {}

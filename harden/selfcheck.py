@@ -1,8 +1,8 @@
-"""`harden demo`: the whole core job on a tiny model with one planted memorization neuron, in about a minute on CPU.
+"""`harden selfcheck`: the core job on a tiny model with one planted memorization neuron, in seconds on a CPU.
 
-Why: until the shipped memorizing model exists, this is the runnable proof that calibration, detection,
-localization and both pruning layouts work together: the planted neuron must be found and pruning it must bring the
-prompt's memorization score below the calibrated threshold.
+Why, next to the real demo (`harden run recipes/demo.yaml` on the shipped memorizer): a check with a known answer.
+Calibration, detection, localization and both pruning layouts must find the one planted neuron, and pruning it must
+bring the prompt's memorization score below the threshold; an installation that fails this is broken.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError
-from .export import atomic_folder, save_pipeline
+from .checkpoint import save_pipeline
+from .files import atomic_folder
 from .nemo.localize import LocalizeSettings, localize_prompt
 from .nemo.score import (
     NoiseDiffScorer,
@@ -32,15 +33,10 @@ from .nemo.stats import (
 from .neurons import NeuronSet
 from .prune import prune_compact, prune_dense
 from .targets import resolve_targets
-from .tiny import plant_memorization, tiny_pipeline
-
-MEMORIZED = "the memorized astronaut portrait"
-HELD_OUT = ["a purple star on a white background", "a green circle on a black background"]
-REFERENCES = [p for p in (f"a {c} {s} on a {b} background" for c in ("red", "green", "blue", "yellow", "purple")
-                          for s in ("circle", "square", "star") for b in ("white", "black")) if p not in HELD_OUT]
+from .tiny import HELD_OUT, MEMORIZED, REFERENCES, plant_memorization, tiny_pipeline
 
 
-def run_demo(out: Path | None, log=print) -> dict:
+def run_selfcheck(out: Path | None, log=print) -> dict:
     """Build, calibrate, detect, localize, prune; write neurons.json, summary.json and both layouts to `out`."""
     if out is not None and out.exists():  # refuse before any work, so nothing is half-written
         raise BadInputError(f"output folder {out} already exists", "choose another --out or delete it")

@@ -1,6 +1,7 @@
-"""The verify stage: measures the hardened model against the base (and a random-neuron control) at fixed seeds.
+"""Stage 5, verify: the hardened model against the base (and a random-neuron control) at fixed seeds, and the gates.
 
-Kept apart from verify.py (pure metrics) because it drives the pipeline: generation, images on disk, progress.
+Writes verify/verification.json and verify/images/. Metrics are computed by harden.metrics (pure functions);
+this stage drives the pipeline: generation, images on disk, progress.
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .neurons import NeuronSet
-from .prune import prune_dense
-from .verify import (ClipScorer, best_of_seeds_ssim, evaluate_gates, generate, images_per_call, load_reference,
-                     random_control, ssim, swapped_unet)
+from ..generation import generate, images_per_call, swapped_unet
+from ..metrics import ClipScorer, best_of_seeds_ssim, evaluate_gates, load_reference, random_control, ssim
+from ..neurons import NeuronSet
+from ..prune import prune_dense
+from ..zoo.alignment import alignment
+from .audit import audit_metrics, audit_table
+from .context import Run
+from .folder import read_neurons
 
 
 def _alignment_fn(model_dir: Path | None):
     """The shipped organism's weight-free alignment metric, when the base model is (a retrain of) it."""
     if model_dir is None or not (model_dir / "harden_zoo.json").is_file():
         return None
-    from .zoo.alignment import alignment
-
     return alignment
 
 
@@ -54,20 +57,27 @@ def _held_row(j: int, text: str, held_scores: dict, variants, imgs: dict[str, li
     return row
 
 
-def verify(run) -> dict:
-    from .runner import hardened_unets, read_neurons
+def verify(run: Run) -> None:
+    """Measure, gate, write verify/verification.json and log the outcome (a failed gate fails the run later)."""
+    data = measure(run)
+    run.folder.write_json("verify/verification.json", data)
+    failed = [g["name"] for g in data["gates"] if not g["passed"]]
+    run.ui.log(f"verification: {len(data['gates']) - len(failed)} of {len(data['gates'])} gates passed"
+               + (f"; failed: {', '.join(failed)}" if failed else ""))
 
+
+def measure(run: Run) -> dict:
     r = run.recipe.verify
+    loc = run.recipe.localization
     neurons = read_neurons(run.folder.file("localize", "neurons.json"))
-    unets = hardened_unets(run)
+    unets = run.hardened_unets()
     hardened = unets.get("compact", unets.get("dense"))
-    widths = {t.name: t.width for t in run.targets}
-    control = random_control(neurons, widths, run.recipe.seed) if r.control and neurons else None
+    control = random_control(neurons, run.widths, run.recipe.seed) if r.control and neurons else None
     variants = {"after": hardened}
     if control is not None:
         variants["control"] = prune_dense(run.pipe.unet, control)
-    exact_path = run.folder.file("localize", "exact_neurons.json")
-    exact_neurons = read_neurons(exact_path) if exact_path.exists() else None  # fast mode's comparison
+    compared = loc.mode == "fast" and loc.compare and not run.folder.state["stages"]["localize"].get("given")
+    exact_neurons = read_neurons(run.folder.file("localize", "exact_neurons.json")) if compared else None
     if exact_neurons is not None:
         variants["exact_mode"] = prune_dense(run.pipe.unet, exact_neurons)
 
@@ -128,6 +138,8 @@ def verify(run) -> dict:
         held_rows = [{"index": j, "prompt": p.text, "score_before": held_scores["before"][j],
                       **{f"score_{name}": held_scores[name][j] for name in variants}} for j, p in enumerate(held)]
     metrics, rows = _metrics(per_prompt, detected, threshold, held_rows, neurons, variants)
+    metrics.update(audit_metrics(run.folder))  # the audit stage's reproduction rates of the hardened model
+    rows += audit_table(run.folder)
     tau_mem = run.threshold("tau_mem")
     gates = evaluate_gates(metrics, r.gates, tau_mem)
     out = {"threshold": threshold, "tau_mem": tau_mem, "seeds": {"detection": run.recipe.detection.seed,

@@ -1,4 +1,4 @@
-"""Why some held-out captions score above tau_mem: `python -m harden.zoo.detection_seeds [--seeds 20]`.
+"""Why some held-out captions score above tau_mem: `python -m studies.detection_seeds [--seeds 20]`.
 
 Why: item 4 of the organism's spec asks every held-out ordinary caption to score below tau_mem, and tau_mem = mean +
 1 std of the ordinary captions' own detection scores, so it flags the top of their distribution by construction.
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import data, tool
+from harden.zoo import data
+from harden.zoo.folder import caption_rows, load_config
+
+from . import tool
 from .evaluate import detection_scores, load_pipeline
-from .folder import load_config, load_prompts
 
 
 def contrast(caption: str) -> float:
@@ -75,7 +77,7 @@ def detection_seeds(folder, seeds=tuple(range(1, 21)), draws: int = 20000, log=p
     if len(seeds) < 2:
         raise ValueError("a detection-seed sweep needs at least 2 seeds (a caption's spread over seeds)")
     config = load_config(folder)
-    prompts = load_prompts(folder)
+    prompts = caption_rows(folder)
     detect = {"kernel_size": config["kernel_size"], "betas": config.get("betas", (0.33, 0.33, 0.33))}
     memorized = [p["caption"] for p in prompts if p["memorized"]]
     reference = [p["caption"] for p in prompts if not p["memorized"]]

@@ -1,4 +1,4 @@
-"""Verification metrics and gates: did pruning remove memorization, and did it keep everything else?
+"""Image metrics and gates: did hardening remove memorization, and did it keep everything else?
 
 Why these: the NeMo score is the method's own proxy, so it is measured before/after at the same seeds; a proxy can
 disagree with full generation on small models, so when a reference (training) image is known, the best-of-seeds SSIM
@@ -9,7 +9,6 @@ per-layer counts shows the effect comes from *these* neurons, not from pruning a
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -17,60 +16,17 @@ import numpy as np
 import torch
 
 from .errors import BadInputError
-from .nemo.batching import CPU_LATENT_PIXELS
 from .neurons import NeuronSet
 from .recipe import GATE_METRICS, Gate
-from .targets import latent_size
 
 
-@contextlib.contextmanager
-def swapped_unet(pipe, unet):
-    """Generate with `unet` in place of the pipeline's, restoring it even on errors."""
-    base = pipe.unet
-    pipe.unet = unet
-    try:
-        yield pipe
-    finally:
-        pipe.unet = base
-
-
-def images_per_call(pipe, height: int | None, width: int | None) -> int:
-    """Images per pipeline call: bigger calls cost less per image (the memorizer on 2 CPU cores: half at 40 images
-    as at 4). CPU: UNet batches as big as localization's forwards (with guidance a batch holds 2 samples per image);
-    CUDA 4x that."""
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    side = latent_size(pipe.unet)
-    latent = ((height // scale) if height else side[0]) * ((width // scale) if width else side[1])
-    per_call = max(1, CPU_LATENT_PIXELS // (2 * latent))
-    return per_call * 4 if pipe.device.type == "cuda" else per_call
-
-
-@torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
-             height: int | None = None, width: int | None = None, batch_images: int | None = None,
-             advance=None) -> list[list[np.ndarray]]:
-    """HxWx3 uint8 images [prompt][seed] for every prompt x seed, in shared pipeline calls of `batch_images`.
-
-    Each image has its own CPU generator seeded with its seed, so an image does not depend on which others share
-    its call (up to the last bits of batched float math). `advance(n)` reports n more prompts done.
-    """
-    pairs = [(p, s) for p in prompts for s in seeds]
-    per_call = batch_images or images_per_call(pipe, height, width)
-    flat: list[np.ndarray] = []
-    for start in range(0, len(pairs), per_call):
-        chunk = pairs[start:start + per_call]
-        out = pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator().manual_seed(int(s)) for _, s in chunk],
-                   num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="np")
-        flat += [(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in out.images]
-        if advance is not None:
-            advance(len(flat) // len(seeds) - (len(flat) - len(chunk)) // len(seeds))
-    return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two uint8 RGB images (Wang et al.'s Gaussian setting; window shrunk for tiny images)."""
+def ssim(a: np.ndarray, b: np.ndarray, gaussian: bool = True) -> float:
+    """SSIM of two uint8 RGB images: Wang et al.'s Gaussian setting (window shrunk for tiny images), or with
+    `gaussian=False` scikit-image's default 7x7 uniform window (what the memorizer's own measurements use)."""
     from skimage.metrics import structural_similarity
 
+    if not gaussian:
+        return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
     side = min(a.shape[0], a.shape[1])
     win = min(11, side if side % 2 else side - 1)
     return float(structural_similarity(a, b, channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,

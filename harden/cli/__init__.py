@@ -1,20 +1,25 @@
-"""The `harden` command line: parses arguments, calls the library, turns HardenError into one line + exit code."""
+"""The `harden` command line: thin commands that parse arguments, call the library and print one-line errors.
+
+One module per command family: this file holds the pipeline commands (run, validate, localize, verify, prune,
+selfcheck); push, bench and the others live beside it and are registered below. Commands import the library when
+they run (not at start-up), so `harden --help` and argument errors answer without loading torch.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .errors import HardenError
+from .. import __version__
+from .audit import audit_command
+from .bench import bench_command
+from .push import push_command
+from .ui import RichUI, failing_as_one_line, quiet_libraries, state
 
 app = typer.Typer(help="Harden a diffusion model against regurgitating memorized training images.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-_state = {"debug": False}
 
 
 def _version(value: bool):
@@ -29,76 +34,7 @@ def main(
                                                     help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ):
-    _state["debug"] = debug
-
-
-def fail(err: HardenError):
-    """One line on stderr and the error's exit code; the traceback only with --debug."""
-    if _state["debug"]:
-        raise err
-    typer.secho(f"error: {err.one_line()}", err=True, fg="red")
-    raise typer.Exit(err.exit_code)
-
-
-def _quiet_libraries():
-    """Library progress bars off: harden reports progress itself."""
-    from diffusers.utils import logging as dlog
-    from huggingface_hub.utils import disable_progress_bars
-
-    import warnings
-
-    from transformers.utils import logging as tlog
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not for our users
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    disable_progress_bars()
-
-
-@app.command()
-def demo(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned model here.")] = None):
-    """Run calibrate -> detect -> localize -> prune on a tiny model with one planted memorization neuron."""
-    _quiet_libraries()
-    from .demo import run_demo
-
-    try:
-        summary = run_demo(out, log=typer.echo)
-    except HardenError as err:
-        fail(err)
-    if not summary["found_planted"] or summary["score_after_pruning"] >= summary["threshold"]:
-        typer.secho("error: the planted neuron was not found or pruning did not remove memorization", err=True)
-        raise typer.Exit(1)
-
-
-class RichUI:
-    """Progress bars per stage (rich, on stderr) and log lines; library progress bars are switched off."""
-
-    def __init__(self):
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-
-    @contextlib.contextmanager
-    def stage(self, name: str, total: int | None = None):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task(name, total=total)
-            yield lambda n=1: progress.advance(task, n)
-
-    def log(self, message: str) -> None:
-        self.console.print(message, highlight=False, markup=False)
-
-
-def _load(recipe: Path):
-    from .recipe import load_recipe
-
-    return load_recipe(recipe)
+    state["debug"] = debug
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML (see recipes/README.md).", show_default=False)]
@@ -113,15 +49,12 @@ def _out(out: Optional[Path], recipe: Path) -> Path:
 
 
 def _run_stages(recipe: Path, out: Optional[Path], until: str, **kwargs) -> dict:
-    _quiet_libraries()
-    from .runner import run_recipe
+    from ..recipe import load_recipe
+    from ..runner import run_recipe
 
-    ui = RichUI()
-    try:
-        summary = run_recipe(_load(recipe), _out(out, recipe), until=until, ui=ui, **kwargs)
-    except HardenError as err:
-        fail(err)
-    return summary
+    quiet_libraries()
+    with failing_as_one_line():
+        return run_recipe(load_recipe(recipe), _out(out, recipe), until=until, ui=RichUI(), **kwargs)
 
 
 @app.command()
@@ -138,16 +71,14 @@ def run(recipe: RecipeArg, out: OutOpt = None, resume: ResumeOpt = False, overwr
 @app.command()
 def validate(recipe: RecipeArg):
     """Check a recipe (schema, ranges, prompt files, gates) without loading a model."""
-    from .runner import load_inputs
+    from ..loading import resolve_model_path
+    from ..recipe import load_recipe
+    from ..stages.context import load_inputs
 
-    try:
-        loaded = _load(recipe)
+    with failing_as_one_line():
+        loaded = load_recipe(recipe)
         inputs = load_inputs(loaded)
-        from .recipe import resolve_model_path
-
         local = resolve_model_path(loaded.recipe.model.id, loaded.folder)
-    except HardenError as err:
-        fail(err)
     where = f"local folder {local}" if local else f"Hub id {loaded.recipe.model.id}"
     typer.echo(f"{recipe}: valid; model {where}; {len(inputs.memorized)} memorized, {len(inputs.references)} "
                f"reference, {len(inputs.held_out)} held-out prompts; {len(loaded.recipe.verify.gates)} gates; "
@@ -180,23 +111,37 @@ def prune(model: Annotated[str, typer.Argument(help="Base pipeline: local folder
           allow_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) weights in the base model.")] = False,
           device: DeviceOpt = None):
     """Remove the given neurons from a pipeline and save it (safetensors; checked by reloading)."""
-    _quiet_libraries()
-    from .prune_export import prune_to_folder
+    from ..stages.prune import prune_to_folder
 
-    try:
+    quiet_libraries()
+    with failing_as_one_line():
         written = prune_to_folder(model, neurons, out, layout, revision, allow_pickle, device)
-    except HardenError as err:
-        fail(err)
     for path, diff in written.items():
         typer.echo(f"wrote {path} (reload max|diff| {diff:.2e})")
 
 
-# --- commands registered from other modules ---
-from .bench import bench_command; app.command("bench")(bench_command)  # noqa: E402, E702
-from .hub import push_command  # noqa: E402
+SelfcheckOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned toy model here.")]
 
+
+@app.command()
+def selfcheck(out: SelfcheckOut = None):
+    """Check the core job on a tiny model with one planted neuron (not the demo: see recipes/demo.yaml)."""
+    from ..selfcheck import run_selfcheck
+
+    quiet_libraries()
+    with failing_as_one_line():
+        summary = run_selfcheck(out, log=typer.echo)
+    if not summary["found_planted"] or summary["score_after_pruning"] >= summary["threshold"]:
+        typer.secho("error: the planted neuron was not found or pruning did not remove memorization", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("demo", hidden=True, deprecated=True)
+def demo_alias(out: SelfcheckOut = None):
+    """Old name of `harden selfcheck` (kept for one release)."""
+    selfcheck(out)
+
+
+app.command("bench")(bench_command)
 app.command("push")(push_command)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+app.command("audit")(audit_command)

@@ -1,45 +1,18 @@
-"""Writing hardened pipelines to disk: safetensors only, the compact UNet's code beside its weights, atomic folders.
+"""Files that are never half-written: atomic files and folders, safetensors through a temporary sibling, hashes.
 
-Why a module of its own: `harden run`, `harden prune` and `harden demo` all export, and every export must obey the
-same rules (no pickles, loadable with stock diffusers or with `trust_remote_code`, nothing half-written).
+Why a module of its own: every stage and command writes through these, so a killed process leaves either the old
+file or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-from . import compact_unet
-
-LAYOUTS = ("compact", "dense")
-
-
-def save_pipeline(pipe, unet, folder: Path, layout: str) -> None:
-    """`save_pretrained` of `pipe` with `unet` swapped in; the compact layout also gets `unet/compact_unet.py`.
-
-    The compact module is copied and named in model_index.json so that `DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)` finds it; diffusers itself would record the class as `harden.compact_unet`.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    base_unet = pipe.unet
-    try:
-        pipe.unet = unet
-        pipe.save_pretrained(folder, safe_serialization=True)
-    finally:
-        pipe.unet = base_unet
-    if layout == "compact":
-        shutil.copy(compact_unet.__file__, folder / "unet" / "compact_unet.py")
-        index_path = folder / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["unet"] = ["compact_unet", compact_unet.CompactUNet2DConditionModel.__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Measure the model organism: `python -m harden.zoo.evaluate [--model DIR] [--json FILE]`.
+"""Measure the model organism: `python -m studies.evaluate [--model DIR] [--json FILE]`.
 
 At the native resolution, 50 DDIM steps and the shipped guidance scale (harden_zoo.json):
 - memorized captions: best-of-10-seeds SSIM to the training image, and NeMo's detection score;
@@ -17,34 +17,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import MEMORIZER_DIR, data, tool
-from .alignment import alignment
-from ..nemo.score import calibrate_threshold
-from .folder import load_config, load_prompts
+from harden.generation import generate as harden_generate
+from harden.loading import load_pipeline as harden_load_pipeline
+from harden.metrics import ssim as harden_ssim
+from harden.nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
+                               max_pairwise_scores)
+from harden.nemo.stats import encode_prompts
+from harden.recipe import ModelSection
+from harden.targets import resolve_targets
+from harden.zoo import MEMORIZER_DIR, data
+from harden.zoo.alignment import alignment
+from harden.zoo.folder import caption_rows, load_config
+
+from . import tool
 
 SEEDS = tuple(range(10))
 
 
 def load_pipeline(folder: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The memorizer (or a retrain) on the CPU in float32, loaded as harden loads any base model."""
+    return harden_load_pipeline(ModelSection(id=str(Path(folder).resolve()), device="cpu"), Path.cwd())[0]
 
 
 def generate(pipe, caption: str, seeds=SEEDS, guidance_scale: float = 3.0, steps: int = 50) -> list[np.ndarray]:
-    """One HxWx3 uint8 image per seed (each seed its own CPU generator, so results do not depend on batching)."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    out = pipe([caption] * len(seeds), generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
-               output_type="np").images
-    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
+    """One HxWx3 uint8 image per seed, all seeds in one pipeline call (harden.generation.generate)."""
+    return harden_generate(pipe, [caption], seeds, steps, guidance_scale, batch_images=len(seeds))[0]
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
+    """scikit-image's default SSIM (7x7 uniform window): what the memorizer's measurements are stated in."""
+    return harden_ssim(a, b, gaussian=False)
 
 
 @torch.no_grad()
@@ -94,10 +96,6 @@ def detection_scores(pipe, captions: list[str], kernel_size: int, betas=(0.33, 0
                      seed: int = 1) -> list[float]:
     """NeMo's detection score (max pairwise MS-SSIM of first-step noise differences over 10 seeds) per caption;
     `seed` draws all 10 latents (NeMo's default: 1)."""
-    from ..nemo.score import NoiseDiffScorer, ScoreSettings, detection_timestep, max_pairwise_scores
-    from ..nemo.stats import encode_prompts
-    from ..targets import resolve_targets
-
     settings = ScoreSettings(kernel_size=kernel_size, betas=tuple(betas), seed=seed)
     scorer = NoiseDiffScorer(pipe.unet, resolve_targets(pipe.unet), detection_timestep(pipe.scheduler.config,
                                                                                        settings), settings)
@@ -111,7 +109,7 @@ def evaluate(folder: Path = MEMORIZER_DIR, grid: Path | None = None, log=print, 
     from PIL import Image
 
     config = load_config(folder)
-    prompts = load_prompts(folder)
+    prompts = caption_rows(folder)
     pipe = load_pipeline(folder)
     g, steps = config["guidance_scale"], config["num_inference_steps"]
     detect = {"kernel_size": config["kernel_size"], "betas": config.get("betas", (0.33, 0.33, 0.33))}

@@ -1,4 +1,4 @@
-"""What pruning costs the model organism, whatever channels are pruned: `python -m harden.zoo.pruning_cost`.
+"""What pruning costs the model organism, whatever channels are pruned: `python -m studies.pruning_cost`.
 
 Why: the demo's gate allows a held-out alignment drop of 0.02, and NeMo's search needs 85-107 value channels of
 the memorizer's 288 (down + mid) to push every memorized caption below tau_mem. Zeroing n channels drawn uniformly at
@@ -11,13 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from harden.generation import generate, swapped_unet
+from harden.metrics import ssim
+from harden.neurons import NeuronSet
+from harden.prune import prune_dense
+from harden.targets import resolve_targets
+from harden.zoo.alignment import alignment
+from harden.zoo.folder import load_config
+
 from . import tool
-from .alignment import alignment
-from .folder import load_config
-from ..neurons import NeuronSet
-from ..prune import prune_dense
-from ..targets import resolve_targets
-from ..verify import generate, ssim, swapped_unet
+from .evaluate import load_pipeline
 
 COUNTS = (5, 10, 20, 40, 85, 130)
 
@@ -60,8 +63,6 @@ def pruning_cost(pipe, captions: list[str], counts=COUNTS, draws: int = 3, seeds
 
 
 def main(argv=None) -> dict:
-    from .evaluate import load_pipeline
-
     parser = tool.parser(__doc__, "also write the rows to this file")
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     parser.add_argument("--draws", type=int, default=3)
