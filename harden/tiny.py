@@ -217,7 +217,7 @@ def tiny_sd2_pipeline(seed: int = 0, sample_size: int = 32):
 
 def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
     """An SDXL-base-shaped `StableDiffusionXLPipeline`: two text encoders (CLIP-L 768 and OpenCLIP-bigG 1280 with a
-    projection; here 32 and 48) whose penultimate hidden states are concatenated as the context (80 wide), the
+    projection; here 32 and 64) whose penultimate hidden states are concatenated as the context (96 wide), the
     second one's pooled projection and the size/crop time ids as added conditions (`text_time`), a plain first down
     block, `transformer_layers_per_block` (1, 2, 2) (SDXL: 1, 2, 10), linear projections, per-block heads, and
     SDXL's Euler scheduler. 13 cross-attention layers, 5 of them in the down and mid blocks."""
@@ -228,9 +228,9 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
     text_encoder = tiny_text_encoder(tokenizer, hidden_size=32, seed=seed)
     torch.manual_seed(seed + 1)
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer_2), hidden_size=48, intermediate_size=96, num_attention_heads=4,
+        vocab_size=len(tokenizer_2), hidden_size=64, intermediate_size=128, num_attention_heads=4,
         num_hidden_layers=2, max_position_embeddings=PROMPT_LENGTH, bos_token_id=tokenizer_2.bos_token_id,
-        eos_token_id=tokenizer_2.eos_token_id, pad_token_id=tokenizer_2.pad_token_id, projection_dim=48,
+        eos_token_id=tokenizer_2.eos_token_id, pad_token_id=tokenizer_2.pad_token_id, projection_dim=64,
         hidden_act="gelu")
     text_encoder_2 = CLIPTextModelWithProjection(config).eval()
     torch.manual_seed(seed)
@@ -240,8 +240,8 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-        cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=time_embed,
-        projection_class_embeddings_input_dim=48 + 6 * time_embed, norm_num_groups=8,
+        cross_attention_dim=32 + 64, addition_embed_type="text_time", addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=64 + 6 * time_embed, norm_num_groups=8,
     ).eval()
     torch.manual_seed(seed)
     vae = _tiny_vae(sample_size)

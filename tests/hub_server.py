@@ -12,6 +12,8 @@ stores large and binary files through Xet instead; that path stays untested here
 Options for tests: `token` (every request must carry `Authorization: Bearer <token>`, else 401),
 `fail_commits` (the next N commit requests fail with 500 after the payload was read and the new tree built, and
 publish nothing). `requests` logs (method, path, authorized) of every call, `unhandled` the calls with no route.
+`HubState.add_folder` publishes a local folder as a commit (base models for loading tests); a `gated` repository
+answers file downloads with 403 `GatedRepo` unless the request carries one of its `granted` tokens, as the Hub does.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # "main", "refs/pr/1", other branches -> commit oid
     commits: dict[str, Commit] = field(default_factory=dict)
     prs: int = 0
+    gated: bool = False
+    granted: set = field(default_factory=set)  # tokens that accepted a gated repo's conditions
 
 
 class HubState:
@@ -76,6 +80,21 @@ class HubState:
         for path in sorted(files):
             digest.update(f"{path}\0{git_blob_sha1(files[path])}\n".encode())
         return Commit(digest.hexdigest(), parent, message, description, dict(files))
+
+    def add_folder(self, repo_id: str, folder, message: str = "upload", gated: bool = False,
+                   files: dict[str, bytes] | None = None) -> str:
+        """Publish every file under `folder` (plus `files`) as a new commit on main, creating the repository;
+        returns the commit oid. The commit holds exactly these files (and .gitattributes)."""
+        content = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+                   if p.is_file()}
+        content.update(files or {})
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo(repo_id, private=False))
+            repo.gated = repo.gated or gated
+            parent = repo.refs.get("main")
+            commit = self.new_commit(repo, parent, message, "", {".gitattributes": GITATTRIBUTES, **content})
+            repo.commits[commit.oid], repo.refs["main"] = commit, commit.oid
+        return commit.oid
 
     def head(self, repo_id: str, revision: str = "main") -> Commit:
         """The commit a revision (branch, refs/pr/N or commit oid) points to; KeyError if unknown."""
@@ -330,6 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_id: str, revision: str, path: str, method: str):
         with self.state.lock:
+            repo = self._repo(repo_id)
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if repo.gated and token not in repo.granted:
+                raise _error(403, f"Access to model {repo_id} is restricted and you are not in the authorized list. "
+                             f"Visit {self.server.endpoint}/{repo_id} to ask for access.", "GatedRepo")
             commit = self._commit_at(repo_id, revision)
             content = commit.files.get(path)
         if content is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..targets import latent_size
+from .conditioning import blank
 
 CPU_LATENT_PIXELS = 40960  # samples x latent pixels per CPU forward: 160 at 16x16 (the measured optimum), 10 at 64x64
 MAX_BATCH = 256  # never more samples per forward than this, whatever memory says
@@ -47,7 +48,7 @@ def auto_batch_size(scorer) -> int:
 def _cuda_batch_size(scorer, device: torch.device) -> int:
     """Peak memory of a 4-sample probe forward, per sample, against what `mem_get_info` reports free."""
     probe = 4
-    embed = torch.zeros(probe, 77, scorer.unet.config.cross_attention_dim)
+    embed = blank(scorer.unet, probe)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

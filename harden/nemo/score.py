@@ -3,6 +3,12 @@
 delta = eps(x_T, t_1, y) - x_T at the second timestep of a 50-step DDIM grid (t = 961 for SD v1: the official code
 discards the t = 981 pass and predicts again on the unchanged x_T), no guidance, n seeds from one seeded draw,
 min-max normalized per sample and channel, compared with 3-scale MS-SSIM (torchmetrics, the official settings).
+
+Models that predict v (SD 2.x) or x_0 are scored on the epsilon their output implies at that timestep
+(`Prediction`), so the score means the same thing for every parameterization. MS-SSIM comes in two forms
+(`ScoreSettings.ms_ssim`): "standard" (torchmetrics >= 1.4.2, the SSIM map of the last scale averaged whole) and
+"official_1_3_2" (torchmetrics 1.3.2, which the official NeMo code pins: that map cropped to the windows that lie
+fully inside the image, as the contrast maps are). NeMo's tau_mem = 0.428 for SD v1.4 was measured with the latter.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torchmetrics.functional import multiscale_structural_similarity_index_measu
 from ..errors import BadInputError
 from ..hooks import channel_masks
 from ..targets import Target, latent_size
+from .conditioning import call_unet
 
 Candidate = Mapping[str, Sequence[int]]  # {layer name: channel indices (a list; repeats allowed, as NeMo)}
 
@@ -36,6 +43,10 @@ class ScoreSettings:
     factor: float = 0.0  # deactivation: masked channels are multiplied by this
     max_batch: int = 64  # samples per UNet forward
     fp16_autocast: bool = True  # on CUDA only, as the official code; CPU runs in the UNet's dtype
+    ms_ssim: str = "standard"  # or "official_1_3_2": the last scale's SSIM map cropped (module docstring)
+
+
+MS_SSIM_FORMS = ("standard", "official_1_3_2")
 
 
 _GAUSSIAN_PAD = 5  # (11 - 1) / 2: torchmetrics' Gaussian window for sigma 1.5
@@ -43,14 +54,18 @@ _K1, _K2 = 0.01, 0.03  # SSIM's stabilizing constants (torchmetrics' defaults)
 
 
 def check_ms_ssim_size(size: Sequence[int], settings: ScoreSettings) -> None:
-    """Raise BadInputError where torchmetrics' MS-SSIM would fail on latents of this (height, width)."""
+    """Raise BadInputError where torchmetrics' MS-SSIM would fail on latents of this (height, width); the official
+    1.3.2 form also needs a coarsest scale wider than both paddings (else its cropped map is empty: NaN)."""
+    if settings.ms_ssim not in MS_SSIM_FORMS:
+        raise BadInputError(f"unknown MS-SSIM form {settings.ms_ssim!r}", f"use one of {', '.join(MS_SSIM_FORMS)}")
     scales = len(settings.betas)
     side = min(size)
     need = (settings.kernel_size - 1) * 2 ** (scales - 1)
-    if side <= need or side // 2 ** (scales - 1) <= _GAUSSIAN_PAD:
+    coarsest = 2 * _GAUSSIAN_PAD if settings.ms_ssim == "official_1_3_2" else _GAUSSIAN_PAD
+    if side <= need or side // 2 ** (scales - 1) <= coarsest:
         raise BadInputError(
-            f"latents of {tuple(size)} are too small for {scales}-scale MS-SSIM (need more than "
-            f"{need} pixels per side and more than {_GAUSSIAN_PAD} at the coarsest scale)",
+            f"latents of {tuple(size)} are too small for {scales}-scale MS-SSIM in its {settings.ms_ssim} form "
+            f"(need more than {need} pixels per side and more than {coarsest} at the coarsest scale)",
             "use a larger sample size, or fewer betas (scales) in the detection settings")
 
 
@@ -62,6 +77,8 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, settings: ScoreSettings) -> torch.
     than the window's 5-pixel reflect padding.
     """
     check_ms_ssim_size(a.shape[-2:], settings)
+    if settings.ms_ssim == "official_1_3_2":  # one batch: one data range per scale, as torchmetrics 1.3.2
+        return ms_ssim_groups(a, b, [len(a)], settings)
     return multiscale_structural_similarity_index_measure(
         a.float(), b.float(), reduction="none", kernel_size=settings.kernel_size, betas=tuple(settings.betas))
 
@@ -82,7 +99,8 @@ def ms_ssim_groups(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], setti
     Why: a search scores many candidates, each against its own kept seeds; one torchmetrics call per candidate
     costs about a millisecond of fixed overhead on the CPU, as much as the UNet spends on a sample. Same formula as
     torchmetrics (Gaussian window, reflect padding, ReLU-normalized terms, last scale's SSIM, contrast terms
-    elsewhere); equal to the per-group calls to float rounding.
+    elsewhere); equal to the per-group calls to float rounding. In the "official_1_3_2" form the last scale's SSIM
+    map is cropped by the padding before it is averaged, as torchmetrics 1.3.2 did (the contrast maps always are).
     """
     check_ms_ssim_size(a.shape[-2:], settings)
     a, b = a.float(), b.float()
@@ -112,6 +130,8 @@ def ms_ssim_groups(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], setti
         lower = torch.clamp(aa - mu_aa, min=0.0) + torch.clamp(bb - mu_bb, min=0.0) + c2
         if scale == len(settings.betas) - 1:
             ssim = ((2 * mu_ab + c1) * upper) / ((mu_aa + mu_bb + c1) * lower)
+            if settings.ms_ssim == "official_1_3_2":
+                ssim = ssim[..., p:-p, p:-p]
             terms.append(torch.relu(ssim.reshape(n, -1).mean(-1)))
         else:
             cs = (upper / lower)[..., p:-p, p:-p]
@@ -152,6 +172,45 @@ def detection_timestep(scheduler_config, settings: ScoreSettings) -> int:
     return int(sched.timesteps[settings.timestep_index])
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What the UNet outputs, and alpha-bar at the scored timestep.
+
+    Why: NeMo's delta is defined on the noise prediction (SD v1 predicts epsilon). With x_t = a x_0 + s eps
+    (a = sqrt(alpha-bar), s = sqrt(1 - alpha-bar)), a v-prediction v = a eps - s x_0 implies eps = a v + s x_t, and
+    an x_0-prediction implies eps = (x_t - a x_0) / s: the same quantity the DDIM step uses, so every
+    parameterization is scored on the same thing.
+    """
+
+    kind: str = "epsilon"  # the scheduler config's prediction_type: epsilon, v_prediction or sample
+    alpha_cumprod: float = 1.0
+
+    def epsilon(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "epsilon":
+            return out
+        a, s = self.alpha_cumprod ** 0.5, (1.0 - self.alpha_cumprod) ** 0.5
+        if self.kind == "v_prediction":
+            return a * out + s * x
+        return (x - a * out) / s  # "sample"
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def detection_prediction(scheduler_config, settings: ScoreSettings) -> Prediction:
+    """The model's parameterization and alpha-bar at the detection timestep (DDIM grid of the pipeline's config)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler_config)
+    kind = sched.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise BadInputError(f"the scheduler's prediction_type {kind!r} is not one harden can score",
+                            f"harden supports {', '.join(PREDICTION_TYPES)}")
+    sched.set_timesteps(settings.num_inference_steps)
+    t = int(sched.timesteps[settings.timestep_index])
+    return Prediction(kind, float(sched.alphas_cumprod[t]))
+
+
 def initial_latents(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
     """All n latents from one CPU generator seeded once and one randn call (what the official code draws)."""
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
@@ -172,6 +231,7 @@ class NoiseDiffScorer:
     timestep: int
     settings: ScoreSettings = field(default_factory=ScoreSettings)
     counter: ForwardCounter = field(default_factory=ForwardCounter)
+    prediction: Prediction = field(default_factory=Prediction)  # v/x_0-prediction models: see `Prediction`
     sharing = 1  # how many prompts' searches share this scorer's forwards (`pool.PooledScorer` sets it)
 
     def __post_init__(self):
@@ -200,10 +260,11 @@ class NoiseDiffScorer:
             ctx = embeds[sl].to(device=param.device, dtype=param.dtype)
             chunk_masks = {k: (v if v.shape[0] == 1 else v[sl]) for k, v in (masks or {}).items()}  # [1, w] broadcasts
             with channel_masks(self.targets, chunk_masks), self._autocast(param.device):
-                eps = self.unet(x.to(param.dtype), self.timestep, encoder_hidden_states=ctx, return_dict=False)[0]
+                out = call_unet(self.unet, x.to(param.dtype), self.timestep, ctx)  # SDXL: added conditions
             self.counter.unet_forwards += 1
             self.counter.sample_forwards += len(x)
-            outs.append(normalize(eps.float() - x.float()))
+            eps = self.prediction.epsilon(out.float(), x.float())
+            outs.append(normalize(eps - x.float()))
         return torch.cat(outs)
 
     def unblocked(self, embed: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,16 @@ def iter_embeddings(tokenizer, text_encoder, prompts: Sequence[str], batch_size:
 
 @torch.no_grad()
 def value_activations(embeds: torch.Tensor, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
-    """a_i(y) = mean over all token positions (padding included, as NeMo) of |to_v(E)_i|, per layer: [B, width]."""
+    """a_i(y) = mean over all token positions (padding included, as NeMo) of |to_v(E)_i|, per layer: [B, width].
+
+    Only the first `to_v.in_features` columns are the context `to_v` reads; for an SDXL-style UNet the columns after
+    them carry the packed added conditions (`conditioning.pack`), which never reach a value projection.
+    """
     out = {}
     for t in targets:
         w = t.to_v.weight.to(device=embeds.device, dtype=torch.float32)
         b = None if t.to_v.bias is None else t.to_v.bias.to(device=embeds.device, dtype=torch.float32)
-        out[t.name] = F.linear(embeds.float(), w, b).abs().mean(dim=1)
+        out[t.name] = F.linear(embeds[..., :w.shape[1]].float(), w, b).abs().mean(dim=1)
     return out
 
 

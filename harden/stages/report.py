@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from ..loading import hub_commit
 from ..prompts import prompts_sha256
 from .audit import audit_report
 from .context import Run
@@ -88,6 +89,8 @@ def build_report(run: Run) -> dict:
         "base_model": {"id": recipe.model.id if run.model_dir is None else str(run.model_dir),
                        "hub_id": recipe.model.id if run.model_dir is None else None,
                        "revision": recipe.model.revision,
+                       "commit": hub_commit(recipe.model.id, recipe.model.revision) if run.model_dir is None else None,
+                       "variant": recipe.model.variant,
                        "license": recipe.hub.license if recipe.hub else None},
         "memorized_prompts": {"count": len(run.inputs.memorized), "sha256": prompts_sha256(run.inputs.memorized),
                               "detected": sum(r["memorized"] for r in detection["prompts"]),
