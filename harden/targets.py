@@ -66,9 +66,10 @@ def _cross_attentions(unet: nn.Module) -> list[tuple[str, nn.Module]]:
 def _check(name: str, attn: nn.Module) -> None:
     if getattr(attn, "fused_projections", False) or getattr(attn, "to_kv", None) is not None \
             or getattr(attn, "to_qkv", None) is not None:
-        raise TargetError(
-            f"{name} uses fused key/value projections (to_kv/to_qkv), so its value channels cannot be addressed",
-            "call unet.unfuse_qkv_projections() before hardening",
+        raise TargetError(  # even after unfuse_qkv_projections() the fused copies of the value rows stay in the
+            # module (and would be saved with an export, unpruned), so only a freshly loaded UNet is accepted
+            f"{name} has fused key/value projections (to_kv/to_qkv), so its value channels cannot be addressed",
+            "load the UNet again without fuse_qkv_projections(); unfusing leaves copies of the value weights behind",
         )
     to_v = getattr(attn, "to_v", None)
     if type(to_v) is not nn.Linear:

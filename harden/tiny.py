@@ -220,7 +220,7 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
     projection; here 32 and 64) whose penultimate hidden states are concatenated as the context (96 wide), the
     second one's pooled projection and the size/crop time ids as added conditions (`text_time`), a plain first down
     block, `transformer_layers_per_block` (1, 2, 2) (SDXL: 1, 2, 10), linear projections, per-block heads, and
-    SDXL's Euler scheduler. 13 cross-attention layers, 5 of them in the down and mid blocks."""
+    SDXL's Euler scheduler. 14 cross-attention layers, 6 of them in the down and mid blocks."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
