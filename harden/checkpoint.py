@@ -9,8 +9,10 @@ safetensors only, reloadable as a user would, equal to the in-memory model.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
@@ -56,11 +58,46 @@ def save_pipeline(pipe, unet, folder: Path, layout: str) -> None:
     finally:
         pipe.unet = base_unet
     if layout == "compact":
-        shutil.copy(compact_unet.__file__, folder / "unet" / "compact_unet.py")
+        shutil.copyfile(compact_unet.__file__, folder / "unet" / "compact_unet.py")  # mode from the umask
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["unet"] = ["compact_unet", CompactUNet2DConditionModel.__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _clean_name_or_path(folder, getattr(pipe, "name_or_path", None))
+
+
+_HUB_CACHE = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][0-9a-f]+")
+
+
+def _neutral_name(path: str, root: str | None) -> str:
+    """A local path as exports may show it: a Hub cache snapshot as its repo id, a path under the base pipeline's
+    folder relative to that folder's own name, anything else as its last part."""
+    hub = _HUB_CACHE.search(path)
+    if hub:
+        return f"{hub.group(1)}/{hub.group(2)}" + path[hub.end():].replace("\\", "/")
+    if root and (path == root or path.startswith(root.rstrip("/\\") + os.sep)):
+        return (PurePath(root).name + path[len(root.rstrip("/\\")):]).replace("\\", "/")
+    return PurePath(path).name
+
+
+def _clean_name_or_path(folder: Path, root: str | None) -> None:
+    """diffusers records where each component was loaded from (`_name_or_path`, an absolute local path that may
+    name private folders) in the configs it saves; exports keep only a neutral name."""
+    for path in sorted(Path(folder).rglob("*.json")):
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, OSError):
+            continue
+        if not isinstance(config, dict):
+            continue
+        changed = False
+        for key in ("_name_or_path", "name_or_path"):
+            value = config.get(key)
+            if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or Path(value).exists()):
+                config[key] = _neutral_name(value, root)
+                changed = True
+        if changed:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()

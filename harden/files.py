@@ -22,6 +22,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        ordinary_modes(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -30,11 +31,38 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         raise
 
 
+def ordinary_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes new files get under the user's umask (mkdtemp makes 0700,
+    and libraries save some weights 0600), so a serving account in the user's group can read an export when the
+    umask allows it."""
+    mask = umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def umask() -> int:
+    """The process umask, read once at import (reading it means setting it, which is not thread-safe)."""
+    return _UMASK
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write a file through a temporary sibling and `os.replace`, so a killed run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; the result is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)

@@ -23,6 +23,7 @@ from . import __version__
 from .errors import BadInputError, GateFailedError, HardenError, HubError
 from .checkpoint import LAYOUTS, load_hardened  # noqa: F401  (load_hardened: its old import path, for one release)
 from .files import sha256_file
+from .scrub import register_secret, scrub
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOGIN_HINT = "run `hf auth login` or set HF_TOKEN to a token with write access"
@@ -125,6 +126,7 @@ def push_export(folder: Path, repo_id: str, *, private: bool = False, create_pr:
 
     if constants.is_offline_mode():
         raise HubError("cannot push: HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE to reach the Hub")
+    register_secret(token)  # every message scrubs it (harden.scrub), as it scrubs HF_TOKEN
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     has_token = bool(token or get_token())
@@ -156,8 +158,9 @@ def push_export(folder: Path, repo_id: str, *, private: bool = False, create_pr:
     info = step("committing the export", lambda: api.create_commit(
         repo_id, operations, commit_message=message, commit_description=description, repo_type="model",
         revision=revision, create_pr=create_pr))
-    return {"repo_id": repo_id, "endpoint": endpoint, "commit": info.oid, "commit_url": info.commit_url,
-            "pr_url": info.pr_url, "pr_revision": info.pr_revision, "revision": revision or "main",
+    return {"repo_id": repo_id, "endpoint": scrub(endpoint), "commit": info.oid,
+            "commit_url": scrub(info.commit_url), "pr_url": info.pr_url and scrub(info.pr_url),
+            "pr_revision": info.pr_revision, "revision": revision or "main",
             "message": message, "files": len(local), "unchanged": info.oid == before.sha and not info.pr_url,
             "deleted": sum(isinstance(o, CommitOperationDelete) for o in operations)}
 

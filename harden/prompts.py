@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from .errors import BadInputError
 from .files import write_atomic
 from .recipe import PACKAGE_PREFIX, PromptItem, PromptSource, package_path
+from .scrub import register_secret
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,12 @@ def cache_dir() -> Path:
 
 def fetch(url: str, sha256: str, timeout: float = 60.0) -> Path:
     """The cached copy of `url`, downloading it first if needed; refuses content whose sha256 differs."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        # whatever an error quotes of the URL, never its credentials (a lone user part is a token: https://TOKEN@host)
+        register_secret(parts.password or parts.username)
+    except ValueError:
+        pass
     name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rsplit("/", 1)[-1])[:80] or "prompts"
     path = cache_dir() / "prompts" / sha256 / name
     if path.is_file() and _sha256(path.read_bytes()) == sha256:
@@ -91,11 +99,20 @@ def _local(source: PromptSource, folder: Path, what: str) -> Path:
 
 
 def _image(value: str | None, folder: Path, what: str) -> Path | None:
+    """The reference image's path, after opening it: a file that is not an image fails here, not after hours."""
+    from PIL import Image, UnidentifiedImageError
+
     if not value:
         return None
     path = (folder / value).resolve()
     if not path.is_file():
         raise BadInputError(f"{what}: reference image {path} does not exist", "fix the image path")
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - the header is read: format and size are known
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadInputError(f"{what}: reference image {path.name} cannot be read as an image "
+                            f"({type(err).__name__})", "give a PNG, JPEG or WebP file") from None
     return path
 
 
@@ -104,6 +121,8 @@ def _read_file(path: Path, source: PromptSource, what: str) -> list[Prompt]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise BadInputError(f"{what}: {path.name} is not UTF-8 text", "save it as UTF-8") from None
+    except OSError as err:
+        raise BadInputError(f"{what}: cannot read {path}: {err.strerror}", "check its permissions") from None
     suffix = path.suffix.lower()
     if suffix == ".txt":
         if source.field or source.image_field or source.where:
@@ -119,10 +138,20 @@ def _read_file(path: Path, source: PromptSource, what: str) -> list[Prompt]:
                 except json.JSONDecodeError as err:
                     raise BadInputError(f"{what}: {path.name} line {n} is not JSON: {err.msg}",
                                         "one JSON object per line") from None
+                except RecursionError:
+                    raise BadInputError(f"{what}: {path.name} line {n} is nested too deeply",
+                                        "one flat JSON object per line") from None
         return _rows_to_prompts(rows, source.field or "caption", source, path, what)
     if suffix == ".csv":
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t") if text.strip() else csv.excel
-        rows = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+        try:
+            dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t") if text.strip() else csv.excel
+        except csv.Error:  # one column (a `Caption` header, one prompt per row): nothing to sniff
+            dialect = csv.excel
+        try:
+            rows = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+        except csv.Error as err:
+            raise BadInputError(f"{what}: {path.name} is not a readable CSV file: {err}",
+                                "one header row, then one row per prompt") from None
         return _rows_to_prompts(rows, source.field or "Caption", source, path, what)
     raise BadInputError(f"{what}: unsupported prompt file type {suffix!r} ({path.name})",
                         "use .txt (one per line), .jsonl (caption key) or .csv (Caption column)")
@@ -136,12 +165,21 @@ def _rows_to_prompts(rows: list, key: str, source: PromptSource, path: Path, wha
                                 "set the recipe's 'field' to the prompt column")
         if source.where and any(_norm(row.get(k)) != _norm(v) for k, v in source.where.items()):
             continue
+        text = row[key]
+        if not isinstance(text, str) or not text.strip():
+            got = ("empty" if isinstance(text, str) else "missing (null)" if text is None else
+                   f"{type(text).__name__}, not text")
+            raise BadInputError(f"{what}: {path.name} row {n}: the prompt {key!r} is {got}",
+                                "every row needs a non-empty caption (remove the row, or filter it with 'where')")
         image = row.get(source.image_field) if source.image_field else None
+        if image is not None and not isinstance(image, str):
+            raise BadInputError(f"{what}: {path.name} row {n}: the image {source.image_field!r} is "
+                                f"{type(image).__name__}, not a path", "give the image path as text")
         variants = row.get("variants") or ()
-        if isinstance(variants, str) or not all(isinstance(v, str) for v in variants):
+        if not isinstance(variants, (list, tuple)) or not all(isinstance(v, str) for v in variants):
             raise BadInputError(f"{what}: {path.name} row {n}: 'variants' must be a list of strings",
                                 'write e.g. "variants": ["a photo of X", "X, photo"]')
-        out.append(Prompt(str(row[key]), _image(image, path.parent, what), tuple(variants)))
+        out.append(Prompt(text, _image(image, path.parent, what), tuple(variants)))
     return out
 
 

@@ -10,19 +10,33 @@ import difflib
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import BadInputError
 
 TauMem = Literal["tau_mem"]  # "use the threshold calibrated on the reference prompts"
 Threshold = Union[TauMem, float]
+# what torch, numpy and JSON all take: a random seed is a non-negative 63-bit integer
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are never meaningful settings (a NaN gate bound would pass or fail every value)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info: ValidationInfo):
+        """pydantic takes `true` as 1 for an int or float field: a YAML slip (`seed: yes`) must not become a seed."""
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items) and bool not in _flatten(cls.model_fields[info.field_name]
+                                                                             .annotation):
+            raise ValueError("expected a number or text, not a boolean (true/false/yes/no)")
+        return value
 
 
 def _check_threshold(value):
@@ -61,10 +75,18 @@ class ModelSection(_Strict):
         return v
 
 
+def _check_prompt(text: str) -> str:
+    if not text.strip():
+        raise ValueError("a prompt must have text (it is empty or only whitespace)")
+    return text
+
+
 class PromptItem(_Strict):
     prompt: str = Field(min_length=1)
     image: str | None = None  # a reference (training) image for this prompt, for verification SSIM
     variants: list[str] | None = None  # paraphrases of this prompt the audit also tries (docs/audit.md)
+
+    _prompt = field_validator("prompt")(classmethod(lambda cls, v: _check_prompt(v)))
 
 
 class PromptSource(_Strict):
@@ -89,6 +111,9 @@ class PromptSource(_Strict):
             raise ValueError("sha256 must be 64 lowercase hex digits")
         if self.prompts is not None and not self.prompts:
             raise ValueError("the inline prompt list is empty")
+        for n, item in enumerate(self.prompts or (), 1):
+            if isinstance(item, str) and not item.strip():
+                raise ValueError(f"inline prompt {n} is empty or only whitespace")
         return self
 
 
@@ -104,7 +129,7 @@ class DetectionSection(_Strict):
 
     threshold: Threshold = "tau_mem"  # a prompt is memorized (and a seed kept) when its score is > this
     n_seeds: int = Field(10, ge=2, le=256)
-    seed: int = 1
+    seed: Seed = 1
     num_inference_steps: int = Field(50, ge=2, le=1000)
     timestep_index: int = Field(1, ge=0)
     kernel_size: int = Field(11, ge=3, le=31)
@@ -156,6 +181,9 @@ class LocalizationSection(_Strict):
     # fast mode: also localize every prompt in exact mode and compare both in the report (neurons, scores and the
     # verification metrics of both pruned models). It costs an exact-mode run; turn it off once the modes agree.
     compare: bool = True
+    # the most initial-selection steps (theta, k) one prompt's search may take: a theta_step near zero or a huge
+    # k_max would otherwise grow the search without end. NeMo's defaults take 16 (theta 5 -> 1 by 0.25).
+    max_schedule_steps: int = Field(10_000, ge=1)
 
     _taus = field_validator("tau_initial", "tau_refine")(classmethod(lambda cls, v: _check_threshold(v)))
 
@@ -205,7 +233,7 @@ class VerifySection(_Strict):
     """Held-out quality and memorization before/after, at fixed seeds, with gates that fail the run."""
 
     held_out: PromptSource | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, max_length=64)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, max_length=64)
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
     height: int | None = Field(None, ge=8)
@@ -231,7 +259,7 @@ class AuditSection(_Strict):
     Attack defaults are the published ones (Adam, lr 0.1, 50 steps, batch 8)."""
 
     enabled: bool = False  # off unless the recipe asks (the stage generates and attacks on 3 models)
-    seeds: list[int] | None = Field(None, min_length=1, max_length=64)  # null: verify.seeds
+    seeds: list[Seed] | None = Field(None, min_length=1, max_length=64)  # null: verify.seeds
     steps: int | None = Field(None, ge=1, le=1000)  # sampling steps; null: verify.steps
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)  # null: verify.guidance_scale
     attack_steps: int = Field(50, ge=1, le=100_000)
@@ -249,7 +277,7 @@ class AuditSection(_Strict):
     control_bound: float = Field(0.25, ge=0.0, le=1.0)  # control share above this: the audit is inconclusive
     surrogate_agreement: float = Field(0.5, gt=0.0, le=1.0)  # share of other seeds a surrogate must agree with
     batch_size: int | None = Field(None, ge=1)  # samples per UNet forward in the attack (null: from the device)
-    seed: int | None = None  # null: the recipe's seed
+    seed: Seed | None = None  # null: the recipe's seed
 
     @field_validator("thresholds")
     @classmethod
@@ -288,7 +316,7 @@ class RepairSection(_Strict):
     recipes/README.md."""
 
     enabled: bool = False
-    seed: int | None = None  # null: the recipe's top-level seed
+    seed: Seed | None = None  # null: the recipe's top-level seed
     steps: int = Field(300, ge=1, le=1_000_000)  # optimizer steps at most (early stop may end sooner)
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"
     lr: float = Field(5e-4, gt=0.0, le=1e-2)  # above 1e-2 a full fine-tune of a diffusion UNet diverges
@@ -324,7 +352,7 @@ class RepairSection(_Strict):
     # early stop: every `probe_every` steps (0: never) generate from the fresh attack and prompt embeddings at
     # `probe_seeds`; stop once at most `stop_at` memorized images are reproduced (audit similarity and threshold)
     probe_every: int = Field(50, ge=0)
-    probe_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=64)
+    probe_seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=64)
     stop_at: int = Field(0, ge=0)
     min_steps: int = Field(0, ge=0)  # no early stop before this step
     checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints (repair/checkpoint-*)
@@ -368,7 +396,7 @@ class Recipe(_Strict):
     audit: AuditSection = Field(default_factory=AuditSection)
     repair: RepairSection = Field(default_factory=RepairSection)
     hub: HubSection | None = None
-    seed: int = 0  # for the random-neuron control and anything else random
+    seed: Seed = 0  # for the random-neuron control and anything else random
     name: str | None = None
 
 
@@ -380,14 +408,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader, node, deep=False):
+    """Duplicates among a mapping's own keys are refused; YAML merge keys (`<<: *defaults`) are allowed, and the
+    mapping's own keys override what they merge (the YAML rule), so those are not duplicates."""
     seen = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, (list, dict, set)):
+            raise BadInputError(f"a key at line {line} is a {type(key).__name__}; recipe keys are names",
+                                "write the key as plain text")
         if key in seen:
-            raise BadInputError(
-                f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line {seen[key]})",
-                "keep one of them")
-        seen[key] = key_node.start_mark.line + 1
+            raise BadInputError(f"duplicate key {key!r} at line {line} (first at line {seen[key]})",
+                                "keep one of them")
+        seen[key] = line
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -429,6 +464,10 @@ def _explain(err: ValidationError, source: str) -> BadInputError:
     errors = err.errors()
     unknown = [e for e in errors if e["type"] == "extra_forbidden"]
     first = (unknown or errors)[0]
+    deeper = [e for e in errors if len(_clean(e["loc"])) > len(_clean(first["loc"])) and
+              _clean(e["loc"])[:len(_clean(first["loc"]))] == _clean(first["loc"])]
+    if first["type"].endswith("_type") and deeper:  # a union: the branch the value has the shape of says more
+        first = deeper[0]
     loc = _clean(first["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
@@ -476,7 +515,10 @@ def load_recipe(path: Path) -> LoadedRecipe:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"recipe {path} does not exist", "give the path of a recipe YAML file")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise BadInputError(f"cannot read recipe {path}: {err.strerror}", "check its permissions") from None
     try:
         text = raw.decode("utf-8")
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
@@ -487,7 +529,13 @@ def load_recipe(path: Path) -> LoadedRecipe:
         where = f" at line {mark.line + 1}" if mark else ""
         raise BadInputError(f"{path.name}: invalid YAML{where}: {getattr(err, 'problem', err)}",
                             "fix the YAML syntax") from None
-    recipe = parse_recipe(data, path.name)
+    except RecursionError:
+        raise BadInputError(f"{path.name}: nested too deeply to be a recipe", "a recipe is a few levels deep; "
+                            "see recipes/*.yaml") from None
+    try:
+        recipe = parse_recipe(data, path.name)
+    except RecursionError:
+        raise BadInputError(f"{path.name}: nested too deeply to be a recipe", "see recipes/*.yaml") from None
     return LoadedRecipe(recipe=recipe, path=path.resolve(), folder=path.resolve().parent, text=text,
                         sha256=hashlib.sha256(raw).hexdigest())
 

@@ -116,7 +116,9 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
 def test_prompt_file_formats_and_filters(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"caption": "x", "memorized": true, "image": "i.png"}\n'
                                       '{"caption": "y", "memorized": false}\n{"caption": "z", "memorized": true}\n')
-    (tmp_path / "i.png").write_bytes(b"png")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "i.png")  # reference images are opened when prompts load
     (tmp_path / "b.csv").write_text(';Caption;URL\n0;"one; with semicolon";u\n1;two;v\n')
     got = load_prompts(PromptSource(file="a.jsonl", where={"memorized": True}, image_field="image"), tmp_path, "m")
     assert [(p.text, p.image) for p in got] == [("x", tmp_path / "i.png"), ("z", None)]
@@ -208,7 +210,9 @@ def test_sd_v1_4_recipe_validates_with_the_shared_prompt_set(tmp_path, monkeypat
 def test_gates_that_the_recipe_cannot_measure_are_refused_before_running(tmp_path):
     data = recipe_dict(verify={"held_out": None, "gates": {"heldout_ssim_median": {"min": 0.8}}})
     data["verify"].pop("held_out")
-    (tmp_path / "astronaut.png").write_bytes(b"x")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "astronaut.png")
     with pytest.raises(BadInputError, match="cannot be measured"):
         load_inputs(load_recipe(_write(tmp_path, data)))
 

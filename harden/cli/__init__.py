@@ -48,13 +48,26 @@ def _out(out: Optional[Path], recipe: Path) -> Path:
     return out if out is not None else Path("runs") / recipe.stem
 
 
+RESUMABLE = {"export": "run", "localize": "localize"}  # the commands with --resume, by the stage they stop at
+
+
 def _run_stages(recipe: Path, out: Optional[Path], until: str, **kwargs) -> dict:
+    import shlex
+
+    from ..errors import RunInterrupted
     from ..recipe import load_recipe
     from ..runner import run_recipe
 
     quiet_libraries()
     with failing_as_one_line():
-        return run_recipe(load_recipe(recipe), _out(out, recipe), until=until, ui=RichUI(), **kwargs)
+        try:
+            return run_recipe(load_recipe(recipe), _out(out, recipe), until=until, ui=RichUI(), **kwargs)
+        except RunInterrupted as err:  # say exactly how to continue
+            command = RESUMABLE.get(until)
+            err.hint = (f"continue with: harden {command} {shlex.quote(str(recipe))} --out "
+                        f"{shlex.quote(str(_out(out, recipe)))} {err.resume_flags}" if command else
+                        "run the same command again with --overwrite")
+            raise
 
 
 @app.command()
@@ -69,15 +82,19 @@ def run(recipe: RecipeArg, out: OutOpt = None, resume: ResumeOpt = False, overwr
 
 
 @app.command()
-def validate(recipe: RecipeArg):
-    """Check a recipe (schema, ranges, prompt files, gates) without loading a model."""
-    from ..loading import resolve_model_path
-    from ..recipe import load_recipe
-    from ..stages.context import load_inputs
+def validate(recipe: RecipeArg,
+             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also check that this run folder can "
+                                                                              "be written.")] = None,
+             device: DeviceOpt = None):
+    """Check a recipe without loading a model: schema, ranges, prompt files and images, gates, devices, the model's
+    configs (local folder or cached Hub id), the search schedule and, with --out, the run folder (`harden run` runs
+    the same checks first)."""
+    from ..preflight import preflight
+    from ..recipe import load_recipe, resolve_model_path
 
     with failing_as_one_line():
         loaded = load_recipe(recipe)
-        inputs = load_inputs(loaded)
+        inputs = preflight(loaded, out, device)
         local = resolve_model_path(loaded.recipe.model.id, loaded.folder)
     where = f"local folder {local}" if local else f"Hub id {loaded.recipe.model.id}"
     typer.echo(f"{recipe}: valid; model {where}; {len(inputs.memorized)} memorized, {len(inputs.references)} "

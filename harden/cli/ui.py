@@ -7,30 +7,72 @@ library never imports typer or rich; only the CLI does.
 from __future__ import annotations
 
 import contextlib
+import errno
+import signal
+import threading
 import warnings
 
 import typer
 
-from ..errors import HardenError
+from ..errors import BadInputError, HardenError, RunInterrupted, Terminated
+from ..scrub import scrub
 
 state = {"debug": False}
 
 
 def fail(err: HardenError):
-    """One line on stderr and the error's exit code; the traceback only with --debug."""
+    """One line on stderr (scrubbed of secrets) and the error's exit code; the traceback only with --debug."""
     if state["debug"]:
         raise err
-    typer.secho(f"error: {err.one_line()}", err=True, fg="red")
+    typer.secho(f"error: {scrub(err.one_line())}", err=True, fg="red")
     raise typer.Exit(err.exit_code)
+
+
+def known_failure(err: BaseException) -> HardenError | None:
+    """The one place that maps a failure to its exit code: a HardenError as it is, the failure classes harden knows
+    (interrupts, permissions, a full or read-only disk, memory, nesting) to their one line; None for anything else,
+    which is a bug in harden (exit 1 with its traceback)."""
+    if isinstance(err, HardenError):
+        return err
+    if isinstance(err, KeyboardInterrupt):  # a run converts its own (with what is saved); this is anything else
+        signum = getattr(err, "signum", signal.SIGINT)
+        return RunInterrupted(f"{signal.Signals(signum).name} stopped harden before it finished", "", signum)
+    where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
+    if isinstance(err, PermissionError):
+        return BadInputError(f"permission denied{where}", "check the permissions of that path")
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BadInputError(f"no space left on the device{where}", "free disk space or choose another --out")
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return BadInputError(f"read-only file system{where}", "choose another --out")
+    if isinstance(err, RecursionError):
+        return BadInputError("an input is nested too deeply to read", "check the recipe and the files it names")
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's CUDA/MPS OOM
+        first = (str(err).strip().splitlines() or ["out of memory"])[0][:200]
+        return BadInputError(f"out of memory: {first}", "lower the batch sizes (detection.batch_size, "
+                             "localization.batch_size, verify.batch_images) or use a device with more memory")
+    return None
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager
 def failing_as_one_line():
-    """Turn a HardenError raised in the block into `fail` (one line, its exit code)."""
+    """Turn a known failure raised in the block into `fail` (one line, its exit code; `known_failure`). SIGTERM
+    stops the block like Ctrl-C (cleanup runs, exit 143) instead of killing the process on the spot."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
         yield
-    except HardenError as err:
-        fail(err)
+    except BaseException as err:
+        known = known_failure(err)
+        if known is None or (state["debug"] and known is not err):
+            raise
+        fail(known)
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def quiet_libraries():
@@ -66,4 +108,4 @@ class RichUI:
             yield lambda n=1: progress.advance(task, n)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False, markup=False)
+        self.console.print(scrub(message), highlight=False, markup=False)

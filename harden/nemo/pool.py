@@ -28,6 +28,10 @@ from .score import ForwardCounter, NoiseDiffScorer, ms_ssim_groups
 T = TypeVar("T")
 
 
+class Cancelled(Exception):
+    """The pool was cancelled (Ctrl-C / SIGTERM in the main thread): a worker's search ends at its next forward."""
+
+
 @dataclass
 class _Request:
     embeds: torch.Tensor
@@ -52,6 +56,13 @@ class ForwardPool:
         self.max_batch = max(1, max_batch)
         self.pending: dict[int, _Request] = {}
         self.cv = threading.Condition()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Every waiting and future request raises `Cancelled` (a forward already running ends first)."""
+        with self.cv:
+            self.cancelled = True
+            self.cv.notify_all()
 
     def submit(self, worker: int, embeds: torch.Tensor, seeds: torch.Tensor, masks: dict[str, torch.Tensor] | None,
                solo: bool = False, against: torch.Tensor | None = None,
@@ -61,9 +72,14 @@ class ForwardPool:
         (a layout that does not depend on the other prompts)."""
         req = _Request(embeds, seeds, masks, solo, against, sizes)
         with self.cv:
+            if self.cancelled:
+                raise Cancelled()
             self.pending[worker] = req
             self._flush_if_ready()
             while not req.done:
+                if self.cancelled:
+                    self.pending.pop(worker, None)
+                    raise Cancelled()
                 self.cv.wait()
         if req.error is not None:
             raise req.error
@@ -76,7 +92,7 @@ class ForwardPool:
             self._flush_if_ready()
 
     def _flush_if_ready(self) -> None:
-        if not self.pending or len(self.pending) < self.active:
+        if self.cancelled or not self.pending or len(self.pending) < self.active:
             return
         reqs = [self.pending[w] for w in sorted(self.pending)]
         self.pending = {}
@@ -165,7 +181,9 @@ def run_pooled(scorer: NoiseDiffScorer, jobs: Sequence[Callable[[NoiseDiffScorer
     forward with all their seeds (`batching.prompt_workers`); 1 runs the jobs one after another on `scorer` itself.
 
     `on_done(index, result)` is called as each job finishes, one call at a time (e.g. to save it for resume). The
-    first error stops the taking of new jobs and is raised once the running ones end.
+    first error stops the taking of new jobs and is raised once the running ones end. Ctrl-C or SIGTERM (a
+    KeyboardInterrupt in the main thread) cancels the pool: each worker stops at its next forward, finished jobs
+    have had their `on_done`, and the interrupt is raised once every worker has ended.
     """
     max_batch = batch_size or auto_batch_size(scorer)  # resolved here, so no worker probes memory through the pool
     workers = pool_workers(scorer, len(jobs), max_batch, workers)
@@ -187,7 +205,7 @@ def run_pooled(scorer: NoiseDiffScorer, jobs: Sequence[Callable[[NoiseDiffScorer
             while True:
                 with lock:
                     i = state["next"]
-                    if i >= len(jobs) or state["error"] is not None:
+                    if i >= len(jobs) or state["error"] is not None or pool.cancelled:
                         return
                     state["next"] += 1
                 result = jobs[i](mine)
@@ -204,8 +222,14 @@ def run_pooled(scorer: NoiseDiffScorer, jobs: Sequence[Callable[[NoiseDiffScorer
     threads = [threading.Thread(target=work, args=(w,), name=f"harden-localize-{w}") for w in range(workers)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # an interrupt in the main thread: stop the workers cooperatively, then raise it
+        pool.cancel()
+        for t in threads:
+            t.join()
+        raise
     if state["error"] is not None:
         raise state["error"]
     return results

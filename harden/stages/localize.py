@@ -25,7 +25,8 @@ from ..nemo.stats import NeuronStats, value_activations
 from .context import Run
 from .folder import UNBLOCKED_FILE, load_results, write_neurons
 
-FAULT_ENV = "HARDEN_FAULT_KILL_AFTER_PROMPTS"  # tests: SIGKILL this process after N localized prompts
+# tests: signal this process once N prompts are localized: "N" sends SIGKILL, "N:INT" / "N:TERM" that signal
+FAULT_ENV = "HARDEN_FAULT_KILL_AFTER_PROMPTS"
 
 
 def localize(run: Run) -> None:
@@ -67,7 +68,8 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
     early = early_rejection(run.recipe.localization.early_reject, device, mode == "fast")
     localize = _localizer(run, mode, early)
     run.ui.log(f"{label}: {mode} mode on {device.type}, early rejection {'on' if early else 'off'}")
-    kill_after = int(os.environ.get(FAULT_ENV, "0"))
+    count, _, name = os.environ.get(FAULT_ENV, "0").partition(":")
+    kill_after, fault_signal = int(count), getattr(signal, f"SIG{name or 'KILL'}")
     todo = [i for i in wanted if not run.folder.file("localize", sub, f"{i:06d}.json").exists()]
     reading = threading.Lock()  # the text encoder and the cached-deltas file serve one worker at a time
 
@@ -98,8 +100,8 @@ def _localize_all(run: Run, wanted: list[int], mode: str, sub: str, label: str) 
             run.folder.write_json(wall, {"seconds": round(spent + time.perf_counter() - started, 3)})
             advance(1)
             done_here += 1
-            if kill_after and done_here >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if kill_after and done_here == kill_after:
+                os.kill(os.getpid(), fault_signal)
 
         loc = run.recipe.localization
         run_pooled(scorer, [job(index) for index in todo], loc.batch_size, loc.parallel_prompts, save)
