@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -272,19 +273,27 @@ def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine
 
         rows: list = [None] * len(work.prompts)
         jobs = [job(*p) for p in work.prompts]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         # the official order searches one prompt at a time; exact and fast mode search prompts side by side
         found = run_pooled(scorer, jobs, batch_size, 1 if mode == "reference" else parallel_prompts, done)
         results[mode] = [r for r, _ in found]
+        seconds, samples = time.perf_counter() - start, max(1, scorer.counter.sample_forwards)
         total = {"unet_forwards": scorer.counter.unet_forwards, "sample_forwards": scorer.counter.sample_forwards,
-                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+                 "seconds": round(seconds, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+                 # where the time goes: inside UNet forwards, and the rest (MS-SSIM, search logic, thread hand-offs)
+                 "forward_seconds": round(scorer.counter.forward_seconds, 3),
+                 "ms_per_sample": round(1000 * seconds / samples, 3),
+                 "forward_ms_per_sample": round(1000 * scorer.counter.forward_seconds / samples, 3),
+                 "cpu_seconds": round(time.process_time() - cpu_start, 3),  # all threads, spinning included
                  "parallel_prompts": 1 if mode == "reference" else
                  pool_workers(scorer, len(jobs), batch_size, parallel_prompts),
                  "tie_checks": sum(r.tie_checks for r in results[mode]),
                  "tie_shift_max": max((r.tie_shift for r in results[mode]), default=0.0), "early_reject": early}
         out["modes"][mode] = {"prompts": rows, "total": total}
         log(f"{mode:9s} total: {total['unet_forwards']} UNet forwards, {total['sample_forwards']} sample-forwards, "
-            f"{total['seconds']:.2f} s, peak memory {total['peak_memory_mb']:.0f} MiB, "
+            f"{total['seconds']:.2f} s ({total['forward_seconds']:.2f} s in forwards; {total['ms_per_sample']:.2f} "
+            f"ms per sample, {total['forward_ms_per_sample']:.2f} in forwards; CPU {total['cpu_seconds']:.2f} s), "
+            f"peak memory {total['peak_memory_mb']:.0f} MiB, "
             f"{total['parallel_prompts']} prompts at a time, early rejection {'on' if early else 'off'}, "
             f"{total['tie_checks']} ties re-scored in the official layout (largest shift {total['tie_shift_max']:.1e})")
     if "reference" in results:
@@ -314,6 +323,42 @@ def run_modes(work: Workload, modes=MODES, batch_size: int | None = None, refine
             f"{cmp['exact']['neurons_median']}, max {cmp['fast']['neurons_max']} vs {cmp['exact']['neurons_max']}; "
             f"below threshold {cmp['fast']['below_threshold']}/{cmp['prompts']} vs "
             f"{cmp['exact']['below_threshold']}/{cmp['prompts']}; identical sets {cmp['same_sets']}/{cmp['prompts']}")
+    return out
+
+
+def repeat_modes(work: Workload, modes=MODES, repeat: int = 3, log=print, **kwargs) -> dict:
+    """`run_modes` `repeat` times, interleaved: round r runs every mode, in an order rotated by r, so that a slow
+    spell of a shared machine hits all modes alike. Returns the first round's result plus `repeat`: per mode its
+    seconds and ms per sample in each round, and per mode the speed-up of each round over the official order
+    (same round), with their median and spread, so that one noisy run cannot decide a claim."""
+    modes = list(modes)
+    rounds = []
+    for r in range(repeat):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
+        log(f"round {r + 1} of {repeat}: {', '.join(order)}")
+        rounds.append(run_modes(work, order, log=log, **kwargs))
+    out = dict(rounds[0])
+    per_mode = {m: [rd["modes"][m]["total"] for rd in rounds] for m in modes}
+    summary: dict = {"rounds": repeat, "modes": {}, "speedup": {}}
+    for mode, totals in per_mode.items():
+        summary["modes"][mode] = {
+            "seconds": [t["seconds"] for t in totals], "ms_per_sample": [t["ms_per_sample"] for t in totals],
+            "forward_ms_per_sample": [t["forward_ms_per_sample"] for t in totals],
+            "median_ms_per_sample": statistics.median(t["ms_per_sample"] for t in totals),
+            # forward counts are deterministic: the same in every round, or the rounds did different work
+            "same_counts": len({(t["unet_forwards"], t["sample_forwards"]) for t in totals}) == 1}
+    if "reference" in per_mode:
+        for mode in modes:
+            if mode == "reference":
+                continue
+            ratios = [r["seconds"] / max(m["seconds"], 1e-9) for r, m in zip(per_mode["reference"], per_mode[mode])]
+            sp = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
+            summary["speedup"][mode] = sp
+            log(f"{mode:9s} speed-up over {repeat} interleaved rounds: median {sp['median']:.2f}x (min "
+                f"{sp['min']:.2f}, max {sp['max']:.2f}); ms per sample median "
+                f"{summary['modes'][mode]['median_ms_per_sample']:.2f} vs official order "
+                f"{summary['modes']['reference']['median_ms_per_sample']:.2f}")
+    out["repeat"] = summary
     return out
 
 

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from ..bench import (MEMORIZER, MODES, calibration_throughput, memorizer_workload, planted_workload, run_modes,
-                     sd14_workload)
+from ..bench import (MEMORIZER, MODES, calibration_throughput, memorizer_workload, planted_workload, repeat_modes,
+                     run_modes, sd14_workload)
 from ..errors import BadInputError
 from .ui import failing_as_one_line, quiet_libraries
 
@@ -44,6 +44,8 @@ def bench_command(
     parallel_prompts: Annotated[Optional[int], typer.Option(
         "--parallel-prompts", min=1, help="Exact and fast mode: prompts searched side by side, sharing forwards "
         "(default: as many as fill a forward; 1: one at a time).")] = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Run the modes N times, interleaved (rotated order "
+                                        "per round); report the median speed-up and its spread.")] = 1,
 ):
     """Time localization in the official order, exact mode and fast mode on the same prompts; print speed-ups."""
     quiet_libraries()
@@ -78,8 +80,10 @@ def bench_command(
         typer.echo("setup seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in work.setup_seconds.items()))
         report = {"model": model, "name": work.name, "device": str(dev), "seeds": seeds, "notes": work.notes,
                   "setup_seconds": work.setup_seconds}
-        report.update(run_modes(work, chosen, batch_size, refine_block, speculate, log=typer.echo,
-                                early_reject=early_reject, parallel_prompts=parallel_prompts))
+        options = dict(batch_size=batch_size, refine_block=refine_block, speculate=speculate, log=typer.echo,
+                       early_reject=early_reject, parallel_prompts=parallel_prompts)
+        report.update(repeat_modes(work, chosen, repeat, **options) if repeat > 1 else run_modes(work, chosen,
+                                                                                                   **options))
         if calib_prompts:
             report["calibration"] = calibration_throughput(calib_prompts, dev, log=typer.echo)
     if json_path is not None:

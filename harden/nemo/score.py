@@ -14,6 +14,7 @@ fully inside the image, as the contrast maps are). NeMo's tau_mem = 0.428 for SD
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -220,6 +221,7 @@ def initial_latents(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
 class ForwardCounter:
     unet_forwards: int = 0
     sample_forwards: int = 0
+    forward_seconds: float = 0.0  # wall time inside UNet calls (CPU; on CUDA only the launches without a sync)
 
 
 @dataclass
@@ -259,8 +261,10 @@ class NoiseDiffScorer:
             x = self.latents[seeds[sl]].to(param.device)
             ctx = embeds[sl].to(device=param.device, dtype=param.dtype)
             chunk_masks = {k: (v if v.shape[0] == 1 else v[sl]) for k, v in (masks or {}).items()}  # [1, w] broadcasts
+            started = time.perf_counter()
             with channel_masks(self.targets, chunk_masks), self._autocast(param.device):
                 out = call_unet(self.unet, x.to(param.dtype), self.timestep, ctx)  # SDXL: added conditions
+            self.counter.forward_seconds += time.perf_counter() - started
             self.counter.unet_forwards += 1
             self.counter.sample_forwards += len(x)
             eps = self.prediction.epsilon(out.float(), x.float())
