@@ -1,10 +1,10 @@
 """`harden run`: the stage order, resume, and the push. The only module that knows the whole pipeline.
 
-calibrate -> detect -> localize -> prune -> audit -> verify -> export (-> push). Each stage (harden.stages.*) reads what
-earlier stages wrote in the run folder and writes its own artifact atomically, then is marked done in run.json;
-`--resume` skips done stages, and localization skips prompts whose result file exists, so a killed run continues
-where it stopped and ends with the same neurons.json. Every check that can fail on bad input runs before the run
-folder is created.
+calibrate -> detect -> localize -> prune -> repair -> audit -> verify -> export (-> push). Each stage
+(harden.stages.*) reads what earlier stages wrote in the run folder and writes its own artifact atomically, then is
+marked done in run.json; `--resume` skips done stages, and localization skips prompts whose result file exists, so a
+killed run continues where it stopped and ends with the same neurons.json (repair continues from its last
+checkpoint). Every check that can fail on bad input runs before the run folder is created.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .hub import push_export
 from .loading import load_pipeline
 from .preflight import check_model, input_fingerprint, preflight
 from .recipe import LoadedRecipe, Recipe
+from .repair.inputs import check_base
 from .stages.audit import audit
 from .stages.calibrate import calibrate
 from .stages.context import Run, SilentUI
@@ -28,11 +29,12 @@ from .stages.export import export
 from .stages.folder import prepare_folder, read_neurons, write_neurons
 from .stages.localize import localize
 from .stages.prune import prune
+from .stages.repair import repair
 from .stages.verify import verify
 from .targets import resolve_targets
 
-STAGES = {"calibrate": calibrate, "detect": detect, "localize": localize, "prune": prune, "audit": audit,
-          "verify": verify, "export": export}
+STAGES = {"calibrate": calibrate, "detect": detect, "localize": localize, "prune": prune, "repair": repair,
+          "audit": audit, "verify": verify, "export": export}
 
 
 def run_recipe(loaded: LoadedRecipe, out: Path, *, resume: bool = False, overwrite: bool = False,
@@ -48,6 +50,7 @@ def run_recipe(loaded: LoadedRecipe, out: Path, *, resume: bool = False, overwri
     check_model(loaded.recipe, pipe.unet.config, getattr(getattr(pipe, "vae", None), "config", None),
                 pipe.scheduler.config)  # a Hub id's configs are only known now
     targets = resolve_targets(pipe.unet, loaded.recipe.model.targets)
+    check_base(loaded.recipe, pipe.unet)
     if given is not None:
         try:
             given.check_against({t.name: t.width for t in targets})

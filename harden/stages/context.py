@@ -21,6 +21,8 @@ from ..nemo.conditioning import encode
 from ..nemo.score import (NoiseDiffScorer, ScoreSettings, detection_prediction, detection_timestep,
                           max_pairwise_scores)
 from ..prompts import Prompt, load_prompts
+from ..repair import repaired_unets, weights_file
+from ..repair.inputs import load_retain
 from ..recipe import AUDIT_GATES, LoadedRecipe, Recipe
 from ..targets import Target
 from .folder import RunFolder, read_neurons
@@ -31,7 +33,7 @@ class SilentUI:
 
     @contextlib.contextmanager
     def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-        yield lambda n=1: None
+        yield lambda n=1, note=None: None  # note: a short status (e.g. repair's losses) shown beside the bar
 
     def log(self, message: str) -> None:
         pass
@@ -45,6 +47,7 @@ class Inputs:
     memorized: list[Prompt]
     references: list[Prompt]
     held_out: list[Prompt]
+    retain: list[Prompt] = field(default_factory=list)  # repair.retain pairs (empty: data-free distillation)
 
     @property
     def recipe(self) -> Recipe:
@@ -76,7 +79,7 @@ def load_inputs(loaded: LoadedRecipe) -> Inputs:
             raise BadInputError(f"gate {gate!r} cannot be measured by this recipe", f"it needs {what}")
     if r.audit.enabled:
         check_audit_inputs(loaded, memorized)
-    return Inputs(loaded, memorized, references, held_out)
+    return Inputs(loaded, memorized, references, held_out, load_retain(loaded))
 
 
 @dataclass
@@ -138,11 +141,26 @@ class Run:
         """{target layer: value channels} of the base model."""
         return {t.name: t.width for t in self.targets}
 
-    def hardened_unets(self) -> dict[str, torch.nn.Module]:
+    def pruned_unets(self) -> dict[str, torch.nn.Module]:
         """{layout: pruned UNet}, built once per process from neurons.json (pruning is deterministic and cheap)."""
+        if "pruned" not in self.cache:
+            neurons = read_neurons(self.folder.file("localize", "neurons.json"))
+            self.cache["pruned"] = pruned_unets(self.pipe.unet, neurons, self.recipe.export.layouts)
+        return self.cache["pruned"]
+
+    @property
+    def repaired(self) -> bool:
+        """Whether the repair stage wrote repaired weights (harden.stages.repair); they are then what is released."""
+        return weights_file(self.folder.file("repair"), self.recipe.export.layouts[0]).is_file()
+
+    def hardened_unets(self) -> dict[str, torch.nn.Module]:
+        """{layout: the released UNet}: the repaired UNets when repair ran, else the pruned ones."""
+        if not self.repaired:
+            return self.pruned_unets()
         if "unets" not in self.cache:
             neurons = read_neurons(self.folder.file("localize", "neurons.json"))
-            self.cache["unets"] = pruned_unets(self.pipe.unet, neurons, self.recipe.export.layouts)
+            self.cache["unets"] = repaired_unets(self.pipe.unet, neurons, self.recipe.export.layouts,
+                                                 self.folder.file("repair"))
         return self.cache["unets"]
 
     def localize_settings(self) -> LocalizeSettings:

@@ -24,6 +24,7 @@ from ..scrub import scrub_data
 from .audit import audit_report
 from .context import Run
 from .folder import load_results, read_neurons
+from .repair import repair_report
 
 PACKAGES = ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "torchmetrics", "scikit-image")
 
@@ -163,6 +164,7 @@ def build_report(run: Run) -> dict:
                          "held_out": verification["held_out"], "control_neurons": verification["control_neurons"],
                          "generation": verification["generation"],
                          "exact_mode_metrics": verification.get("exact_mode_metrics")},
+        "repair": repair_report(folder),
         "audit": audit_report(folder),
         "gates": verification["gates"],
         "passed": verification["passed"],

@@ -74,6 +74,9 @@ def measure(run: Run) -> dict:
     hardened = unets.get("compact", unets.get("dense"))
     control = random_control(neurons, run.widths, run.recipe.seed) if r.control and neurons else None
     variants = {"after": hardened}
+    if run.repaired:  # the table's "pruned only" column; the gates apply to "after", the released (repaired) model
+        pruned = run.pruned_unets()
+        variants["pruned"] = pruned.get("compact", pruned.get("dense"))
     if control is not None:
         variants["control"] = prune_dense(run.pipe.unet, control)
     compared = loc.mode == "fast" and loc.compare and not run.folder.state["stages"]["localize"].get("given")
@@ -183,7 +186,8 @@ def _gate_metrics(per_prompt, detected, threshold, held_rows, neurons: NeuronSet
     }
 
 
-COLUMNS = ("before", "after", "control", "exact_mode")  # table columns: base, hardened, random control, exact mode
+# table columns: base, pruned only (when repair ran), hardened (the released model), random control, exact mode
+COLUMNS = ("before", "pruned", "after", "control", "exact_mode")
 
 
 def _metrics(per_prompt, detected, threshold, held_rows, neurons: NeuronSet, variants) -> tuple[dict, list]:
