@@ -14,6 +14,7 @@ credentials, an unreachable Hub or HF_HUB_OFFLINE without a cached copy are Hub 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -26,13 +27,30 @@ from .targets import resolve_targets
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(name: str) -> None:
+    """A device string torch knows and this machine has (`mps` on Linux or `cuda:3` on a 1-GPU box fail here, not
+    when the first tensor moves)."""
+    if not DEVICE.fullmatch(name):
+        raise BadInputError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N, or mps on Apple silicon")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise BadInputError("device mps (Apple Metal) is not available on this machine", "use --device cpu or auto")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInputError(f"device {name} was asked for but CUDA is not available", "use --device cpu or auto")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise BadInputError(f"device {name}: this machine has {count} CUDA device(s)",
+                                f"use cuda:0 to cuda:{count - 1}, or auto")
+
+
 def pick_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {name} was asked for but CUDA is not available", "use --device cpu or auto")
-    return device
+    return torch.device(name)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -23,18 +23,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import BadInputError
 from .files import sha256_file
-from .loading import check_architecture, check_local_folder, hub_commit
+from .loading import check_architecture, check_device, check_local_folder, hub_commit
 from .nemo.localize import LocalizeSettings, schedule
 from .nemo.score import ScoreSettings, check_ms_ssim_size, detection_prediction
 from .recipe import PACKAGE_PREFIX, LoadedRecipe, LocalizationSection, ModelSection, Recipe, package_path
 from .recipe import resolve_model_path
 from .stages.context import Inputs, load_inputs
-
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -60,24 +56,6 @@ def preflight(loaded: LoadedRecipe, out: Path | None = None, device: str | None 
     if out is not None:
         check_output(Path(out), resume, overwrite)
     return inputs
-
-
-# ------------------------------------------------------------------------------------------------------- devices
-
-
-def check_device(name: str) -> None:
-    """A device string torch knows and this machine has (`mps` on Linux or `cuda:3` on a 1-GPU box fail here)."""
-    if not DEVICE.fullmatch(name):
-        raise BadInputError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N, or mps on Apple silicon")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise BadInputError("device mps (Apple Metal) is not available on this machine", "use --device cpu or auto")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInputError(f"device {name} was asked for but CUDA is not available", "use --device cpu or auto")
-        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
-        if index >= count:
-            raise BadInputError(f"device {name}: this machine has {count} CUDA device(s)",
-                                f"use cuda:0 to cuda:{count - 1}, or auto")
 
 
 # ------------------------------------------------------------------------------------------------ search schedule

@@ -152,6 +152,10 @@ def test_devices_this_machine_does_not_have(tmp_path, device, needle):
     assert not (tmp_path / "out").exists()
     if device in ("mps", "cuda:7"):  # the recipe's own device is checked the same way
         _bad(_validate(_recipe(tmp_path, "r2.yaml", model={"id": "zoo:memorizer", "device": device})), needle)
+    (tmp_path / "neurons.json").write_text('{"layers": {}}')
+    _bad(runner.invoke(app, ["prune", "zoo:memorizer", "--neurons", str(tmp_path / "neurons.json"), "--out",
+                             str(tmp_path / "pruned"), "--device", device]), needle)  # every command picks alike
+    assert not (tmp_path / "pruned").exists()
 
 
 @pytest.mark.parametrize("localization,steps", [
@@ -187,6 +191,9 @@ def test_out_under_a_file_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "afile" / "run"
     _bad(_validate(recipe, "--out", str(out)), "is a file, so no folder can be made under it")
     _bad(runner.invoke(app, ["run", str(recipe), "--out", str(out)]), "is a file")
+    (tmp_path / "neurons.json").write_text('{"layers": {}}')
+    _bad(runner.invoke(app, ["prune", "zoo:memorizer", "--neurons", str(tmp_path / "neurons.json"), "--out",
+                             str(out)]), "is a file")
     assert (tmp_path / "afile").read_text() == "x"
 
 
@@ -332,7 +339,8 @@ def test_the_cli_maps_each_known_failure_class_to_its_exit_code():
     cases = [
         (BadInputError("x"), 2), (KeyboardInterrupt(), 130), (Terminated(), 143),
         (PermissionError(13, "Permission denied", "/x"), 2), (OSError(28, "No space left on device", "/x"), 2),
-        (OSError(30, "Read-only file system", "/x"), 2), (RecursionError(), 2), (MemoryError(), 2),
+        (OSError(30, "Read-only file system", "/x"), 2), (NotADirectoryError(20, "Not a directory", "/f/x"), 2),
+        (RecursionError(), 2), (MemoryError(), 2),
     ]
     for err, code in cases:
         known = known_failure(err)

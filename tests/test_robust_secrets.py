@@ -177,6 +177,30 @@ def test_the_scrubber(monkeypatch):
                                                                                "n": [1, "***"]}
 
 
+def test_library_logs_and_warnings_are_scrubbed(monkeypatch, capsys):
+    import logging
+    import warnings
+
+    from harden.cli.ui import scrubbed_library_output
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())  # restored afterwards
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    scrubbed_library_output()
+    logger = logging.getLogger("huggingface_hub.test")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    try:
+        logger.warning("retrying %s with %s", f"https://{USER}:{PASSWORD}@hub.example.org/api", TOKEN)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "retrying https://***@hub.example.org/api with ***" in err
+    shown = warnings.formatwarning(f"token {TOKEN} expired", UserWarning, "x.py", 1)  # what showwarning prints
+    assert "token *** expired" in shown
+    _clean(err + shown)
+
+
 def test_every_error_and_log_line_is_scrubbed(monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     for err in (BadInputError(f"bad {TOKEN}", f"hint {TOKEN}"), HubError(f"http://u:{PASSWORD}@h failed")):

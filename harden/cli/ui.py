@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import signal
 import threading
 import warnings
@@ -44,6 +45,8 @@ def known_failure(err: BaseException) -> HardenError | None:
         return BadInputError(f"no space left on the device{where}", "free disk space or choose another --out")
     if isinstance(err, OSError) and err.errno == errno.EROFS:
         return BadInputError(f"read-only file system{where}", "choose another --out")
+    if isinstance(err, NotADirectoryError):
+        return BadInputError(f"a part of a path is a file, not a folder{where}", "choose another path")
     if isinstance(err, RecursionError):
         return BadInputError("an input is nested too deeply to read", "check the recipe and the files it names")
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's CUDA/MPS OOM
@@ -57,10 +60,31 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+def scrubbed_library_output() -> None:
+    """Library log records and warnings pass through harden.scrub too: a client may log a URL with credentials."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "harden_scrubbed", False):
+        return
+
+    def record(*args, **kwargs):
+        rec = make(*args, **kwargs)
+        try:
+            rec.msg, rec.args = scrub(rec.getMessage()), ()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's to report, as it would be without us
+            pass
+        return rec
+
+    record.harden_scrubbed = True
+    logging.setLogRecordFactory(record)
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda *args, **kwargs: scrub(format_warning(*args, **kwargs))
+
+
 @contextlib.contextmanager
 def failing_as_one_line():
     """Turn a known failure raised in the block into `fail` (one line, its exit code; `known_failure`). SIGTERM
     stops the block like Ctrl-C (cleanup runs, exit 143) instead of killing the process on the spot."""
+    scrubbed_library_output()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:

@@ -13,6 +13,7 @@ from ..errors import BadInputError
 from ..files import atomic_folder
 from ..loading import load_pipeline
 from ..nemo.conditioning import encode
+from ..preflight import check_output
 from ..recipe import ModelSection
 from .context import Run
 from .folder import read_neurons, write_neurons
@@ -38,6 +39,7 @@ def prune_to_folder(model: str, neurons_path: Path, out: Path, layout: str = "co
     out = Path(out)
     if out.exists():
         raise BadInputError(f"output folder {out} already exists", "choose another --out or delete it")
+    check_output(out)  # no file on its path, a folder harden can write in
     neurons = read_neurons(neurons_path)
     pipe, _ = load_pipeline(ModelSection(id=model, revision=revision, allow_pickle=allow_pickle), Path.cwd(), device)
     unets = pruned_unets(pipe.unet, neurons, layouts)  # validates the set against the model
