@@ -334,3 +334,18 @@ def test_resume_refuses_another_model_or_caption_file(model_dir, tmp_path):
     assert file_hashes(out) == before
     (out / "shards" / "000001.json").unlink()
     _refused(runner.invoke(app, ["scan", "--merge", str(out)]), "1 of 2 shards are missing")
+
+
+def test_bench_scan_workload_reports_captions_per_second(tmp_path):
+    """harden bench --workload scan on the shipped memorizer: forward counts are deterministic, timings are not
+    asserted (speed is measured by the bench, never by a test)."""
+    r = runner.invoke(app, ["bench", "--workload", "scan", "--prompts", "4", "--batch-size", "20", "--json",
+                            str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["workload"] == "scan" and report["captions"] == 4
+    forwards = {k: v["unet_forwards"] for k, v in report["scores"].items()}
+    # wen: 4 CFG pairs, up to 10 per forward of 20 samples; nemo: 2 captions x 10 seeds per forward
+    assert forwards == {"wen": 1, "wen+attn": 1, "nemo": 2}
+    assert all(v["captions_per_s"] > 0 for v in report["scores"].values())
+    assert "captions/s" in r.output
