@@ -46,9 +46,9 @@ class ScanFolder:
             raise BadInputError(f"{self.manifest_path} is not a {FORMAT} manifest", "start a new scan in another --out")
         return manifest
 
-    def check_start(self, manifest: dict, resume: bool) -> bool:
-        """Whether the folder already holds this scan (resume). Refuses (read-only) a folder that holds something
-        else, another scan without --resume, or a scan of another model, caption list or settings."""
+    def check_out(self, resume: bool) -> bool:
+        """Whether the folder holds a scan to resume; refuses (read-only) a folder that holds something else or a
+        scan without --resume. Cheap, so it runs before the model is loaded."""
         if not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir())):
             return False
         if not self.path.is_dir():
@@ -58,6 +58,12 @@ class ScanFolder:
         if not resume:
             raise BadInputError(f"--out {self.path} already holds a scan",
                                 "add --resume to continue it, or give another --out")
+        return True
+
+    def check_start(self, manifest: dict, resume: bool) -> bool:
+        """`check_out`, then for a resume: refuses (read-only) a scan of another model, caption list or settings."""
+        if not self.check_out(resume):
+            return False
         old = self.read_manifest()
         if old["model"]["fingerprint"] != manifest["model"]["fingerprint"]:
             raise BadInputError(f"--resume: {self.path} was scanned with another model ({old['model']['id']!r}, "

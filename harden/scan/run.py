@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import BadInputError
@@ -133,6 +134,8 @@ def run_scan(job: ScanJob, ui=None) -> dict | None:
     job.check()
     world = World.from_env()
     ui = ui if ui is not None and world.main else _Silent()  # one progress display: rank 0's
+    folder = ScanFolder(job.out)
+    folder.check_out(job.resume)  # before the model loads: a wrong --out fails in a second
     captions = load_caption_set(job.prompts, job.field, job.reference, job.reference_field, job.labels,
                                 job.label_field)
     device = world.device(job.device)
@@ -141,7 +144,6 @@ def run_scan(job: ScanJob, ui=None) -> dict | None:
     pipe, _ = load_pipeline(section, Path.cwd())
     scorer = CaptionScorer(pipe.unet, pipe.scheduler.config, encode(pipe, [""]), job.settings)
     manifest = _manifest(job, captions, model_fingerprint(pipe), scorer)
-    folder = ScanFolder(job.out)
     resumed = folder.check_start(manifest, job.resume)
     world.start(device)  # a rendezvous: every rank has checked the folder before rank 0 writes to it
     try:
@@ -177,8 +179,6 @@ def run_scan(job: ScanJob, ui=None) -> dict | None:
 
 
 def _stats(values: list[float]) -> dict:
-    import numpy as np
-
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return {}
