@@ -16,6 +16,7 @@ from .. import __version__
 from .audit import audit_command
 from .bench import bench_command
 from .push import push_command
+from .scan import scan_command
 from .ui import RichUI, failing_as_one_line, quiet_libraries, state
 
 app = typer.Typer(help="Harden a diffusion model against regurgitating memorized training images.",
@@ -162,3 +163,4 @@ def demo_alias(out: SelfcheckOut = None):
 app.command("bench")(bench_command)
 app.command("push")(push_command)
 app.command("audit")(audit_command)
+app.command("scan")(scan_command)
