@@ -43,8 +43,8 @@ class ModelConfigs:
     scheduler: dict | None
 
 
-def preflight(loaded: LoadedRecipe, out: Path | None = None, device: str | None = None, *, resume: bool = False,
-              overwrite: bool = False) -> Inputs:
+def preflight(loaded: LoadedRecipe, out: Path | None = None, device: str | None = None, *,
+              resume: bool = False) -> Inputs:
     """Every check that needs no model weights; returns the loaded prompt lists. `out` None: no output checks."""
     recipe = loaded.recipe
     check_device(device or recipe.model.device)
@@ -54,7 +54,7 @@ def preflight(loaded: LoadedRecipe, out: Path | None = None, device: str | None 
     if configs is not None:
         check_model(recipe, configs.unet, configs.vae, configs.scheduler)
     if out is not None:
-        check_output(Path(out), resume, overwrite)
+        check_output(Path(out), resume)
     return inputs
 
 
@@ -154,7 +154,7 @@ def _latent_size(unet: dict, name: str = "unet/config.json") -> tuple[int, int]:
     size = unet.get("sample_size")
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size, size
-    if (isinstance(size, list) and len(size) == 2 and
+    if (isinstance(size, (list, tuple)) and len(size) == 2 and
             all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         return size[0], size[1]
     raise BadInputError(f"{name}: sample_size {size!r} is not a latent size", "restore the UNet's config.json")
@@ -192,7 +192,7 @@ def check_model(recipe: Recipe, unet: dict | None, vae: dict | None, scheduler: 
 # ------------------------------------------------------------------------------------------------ output folder
 
 
-def check_output(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+def check_output(out: Path, resume: bool = False) -> None:
     """The run folder can be made (or reopened) and written: nothing on its path is a file, and harden can write
     where it will create it. Whether an existing folder may be replaced is `prepare_folder`'s rule."""
     absolute = Path(os.path.abspath(out))

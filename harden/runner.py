@@ -43,7 +43,7 @@ def run_recipe(loaded: LoadedRecipe, out: Path, *, resume: bool = False, overwri
     """Run the stages up to `until` in `out`; returns a summary. Raises GateFailedError (exit 3) after export when a
     gate failed (the export is kept for inspection but marked failed and never pushed)."""
     ui = ui or SilentUI()
-    inputs = preflight(loaded, out, device, resume=resume, overwrite=overwrite)
+    inputs = preflight(loaded, out, device, resume=resume)
     given = read_neurons(neurons) if neurons is not None else None
     create = prepare_folder(out, loaded, resume, overwrite)
     pipe, model_dir = load_pipeline(loaded.recipe.model, loaded.folder, device)

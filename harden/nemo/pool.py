@@ -224,7 +224,8 @@ def run_pooled(scorer: NoiseDiffScorer, jobs: Sequence[Callable[[NoiseDiffScorer
         t.start()
     try:
         for t in threads:
-            t.join()
+            while t.is_alive():  # wakes to run signal handlers, also when a signal landed on a worker thread
+                t.join(0.2)
     except BaseException:  # an interrupt in the main thread: stop the workers cooperatively, then raise it
         pool.cancel()
         for t in threads:
