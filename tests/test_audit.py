@@ -221,3 +221,21 @@ def test_an_attack_that_paints_a_never_seen_image_makes_the_audit_inconclusive(p
     lenient = summarize(result.rows, prompts, controls, ssim, AuditSettings(seeds=seeds, steps=2, guidance=2.0,
                                                                              control_bound=1.0))
     assert not lenient["inconclusive"]
+
+
+def test_a_v_prediction_model_is_audited_and_an_sdxl_style_one_refused():
+    from harden.audit.inputs import check_model
+    from harden.tiny import tiny_sd2_pipeline, tiny_sdxl_pipeline
+
+    sd2 = tiny_sd2_pipeline(seed=0, sample_size=8)
+    sd2.set_progress_bar_config(disable=True)
+    check_model(sd2)
+    size = generate(sd2, ["x"], [0], steps=1, guidance=1.0)[0][0].shape[0]
+    settings = AuditSettings(seeds=(0, 1), steps=1, guidance=2.0, attack_steps=1, batch=2, restarts=1, paraphrases=0)
+    prompts = [AuditPrompt("a cat", Target(_image(4, size), "training"))]
+    result = audit_model(sd2, sd2.unet, "sd2", prompts, [], make_similarity("ssim", 0.7), settings, SilentUI())
+    attack = next(r for r in result.rows if r["condition"] == "attack")
+    assert [s["start"] for s in attack["starts"]] == ["prompt", "noise 1"]
+    assert all(np.isfinite(s["final_loss"]) for s in attack["starts"])
+    with pytest.raises(BadInputError, match="SDXL"):
+        check_model(tiny_sdxl_pipeline(seed=0, sample_size=8))

@@ -22,8 +22,8 @@ from ..prompts import load_prompts
 from ..recipe import AUDIT_GATES, Gate, LoadedRecipe, resolve_model_path
 from ..stages.context import SilentUI
 from .core import audit_model
-from .inputs import (build_prompts, check_targets, control_paths, image_size, load_controls, settings_from_recipe,
-                     similarity_from_recipe)
+from .inputs import (build_prompts, check_model, check_targets, control_paths, image_size, load_controls,
+                     settings_from_recipe, similarity_from_recipe)
 from .output import audit_json, table_lines, write_images
 
 _GATE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
@@ -119,6 +119,7 @@ def audit_folder(loaded: LoadedRecipe, model_dir: Path, out: Path, *, base: Path
     check_targets(memorized, base_dir is not None or not needs_base, settings)
     dev = device or recipe.model.device
     pipe = load_any_pipeline(Path(model_dir), dev, recipe.model.allow_pickle)
+    check_model(pipe, f"--model {model_dir}")
     base_pipe = None
     if base_dir is not None:
         same = base_dir.resolve() == Path(model_dir).resolve()

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..generation import generate, swapped_unet
+from ..nemo.conditioning import needs_added_conditions
 from ..prompts import Prompt
 from ..recipe import PACKAGE_PREFIX, AuditSection, Recipe, package_path
 from ..targets import latent_size
@@ -147,3 +148,11 @@ def check_audit_inputs(loaded, memorized: Sequence[Prompt]) -> None:
     similarity_from_recipe(loaded.recipe.audit, loaded.folder)
     control_paths(loaded.recipe.audit, loaded.folder)
     check_targets(memorized, True, settings)
+
+
+def check_model(pipe, what: str = "the model") -> None:
+    """The attack optimises the text context alone; SDXL-style UNets also take pooled embeddings and time ids."""
+    if needs_added_conditions(pipe.unet):
+        raise BadInputError(f"{what} is an SDXL-style pipeline (added text/time conditions); the audit supports "
+                            "UNets conditioned on the text context only (SD 1.x / 2.x)",
+                            "audit an SD 1.x/2.x-style model, or run without an audit section")

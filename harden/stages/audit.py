@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from ..audit.core import audit_model
-from ..audit.inputs import (build_prompts, control_paths, image_size, load_controls, settings_from_recipe,
+from ..audit.inputs import (build_prompts, check_model, control_paths, image_size, load_controls, settings_from_recipe,
                             similarity_from_recipe)
 from ..audit.output import audit_json, table_lines, write_images
 from ..files import atomic_folder, write_atomic
@@ -34,6 +34,7 @@ def audit(run: Run) -> None:
     if not section.enabled:
         run.ui.log("audit: not enabled in the recipe (audit.enabled: false), skipped")
         return
+    check_model(run.pipe)
     settings = settings_from_recipe(run.recipe)
     sim = similarity_from_recipe(section, run.inputs.loaded.folder)
     size = image_size(run.pipe, settings)
