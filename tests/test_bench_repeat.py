@@ -38,6 +38,9 @@ def test_repeat_interleaves_rounds_and_reports_the_median_speedup(tmp_path):
         ratios = [r / s for r, s in zip(ref, summary["modes"][mode]["seconds"])]
         assert sp["rounds"] == ratios and sp["median"] == statistics.median(ratios)
         assert sp["min"] <= sp["median"] <= sp["max"]
+        cost = [m / r for r, m in zip(summary["modes"]["reference"]["ms_per_sample"],
+                                      summary["modes"][mode]["ms_per_sample"])]
+        assert sp["sample_cost_vs_reference"] == statistics.median(cost)
     total = report["modes"]["exact"]["total"]  # the first round's full result is kept
     assert 0 < total["forward_seconds"] <= total["seconds"] and total["cpu_seconds"] > 0
     # (seconds are rounded to the millisecond in the report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -77,6 +78,11 @@ def bench_command(
                    f"{len(work.prompts)} prompts, {seeds} seeds, torch threads {torch.get_num_threads()}")
         for note in work.notes:
             typer.echo(f"note: {note}")
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if dev.type == "cpu" and torch.get_num_threads() > 1 and load > cores:
+            typer.echo(f"note: load average {load:.1f} on {cores} cores: other processes share the CPU, and torch's "
+                       f"{torch.get_num_threads()} threads wait for each other at every parallel region (a forward "
+                       "can take 5-15x longer); --threads 1 and --repeat measure more steadily")
         typer.echo("setup seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in work.setup_seconds.items()))
         report = {"model": model, "name": work.name, "device": str(dev), "seeds": seeds, "notes": work.notes,
                   "setup_seconds": work.setup_seconds}
