@@ -18,8 +18,11 @@ from typing import Callable
 
 import torch
 
+from .audit.attack import embedding_attack, encode_images
+from .audit.targets import fit, read_image
 from .errors import BadInputError
 from .nemo.batching import early_rejection
+from .nemo.conditioning import encode
 from .nemo.fast import compare_modes, localize_prompt_fast
 from .nemo.localize import LocalizeSettings, PromptResult, localize_prompt, ood_candidates, schedule
 from .nemo.pool import pool_workers, run_pooled
@@ -27,8 +30,10 @@ from .nemo.reference import reference_localize_prompt
 from .nemo.score import (NoiseDiffScorer, ScoreSettings, calibrate_threshold, detection_timestep,
                          max_pairwise_scores)
 from .nemo.stats import NeuronStats, compute_stats, encode_prompts, iter_embeddings, value_activations
+from .scan.scores import CaptionScorer, ScanSettings
 from .targets import Target, latent_size as native_latent_size, resolve_targets
 from .tiny import HELD_OUT, MEMORIZED, REFERENCES, byte_tokenizer, plant_memorization, planted_neuron, tiny_pipeline
+from .zoo.folder import caption_rows
 
 MEMORIZER = Path(__file__).parent / "zoo" / "memorizer"
 MODES = ("reference", "exact", "fast")
@@ -408,4 +413,136 @@ def calibration_throughput(n_prompts: int, device, batch_size: int = 256, log=pr
            "seconds_for_50000": round(50000 / rate, 1)}
     log(f"calibration: {n_prompts} prompts in {seconds:.2f} s = {rate:.0f} prompts/s "
         f"(50,000 prompts: {out['seconds_for_50000']:.0f} s) - CLIP-L-sized text encoder, random weights")
+    return out
+
+
+def attack_throughput(folder: Path, n_prompts: int = 0, steps: int = 10, batch: int = 8, device=None,
+                      log=print) -> dict:
+    """The audit's embedding attack on the memorizer's memorized images: all prompts in shared forwards vs one
+    prompt at a time, samples/s (samples = embeddings x batch x steps), in one run, with the same draws (each
+    prompt's own generator), so both must also end at the same embeddings (max |difference| reported)."""
+    from diffusers import DiffusionPipeline
+
+    device = torch.device(device or "cpu")
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True).to(device)
+    rows = [r for r in caption_rows(folder) if r["memorized"]]
+    rows = rows[:n_prompts] if n_prompts else rows
+    side = [n * pipe.vae_scale_factor for n in native_latent_size(pipe.unet)]
+    latents = encode_images(pipe.vae, [fit(read_image(folder / r["image"], "bench"), side)[0] for r in rows])
+    starts = encode_prompts(pipe.tokenizer, pipe.text_encoder, [r["caption"] for r in rows])
+    n = len(rows)
+
+    def gens(indices):
+        return [torch.Generator().manual_seed(1000 + i) for i in indices]
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - t0
+
+    attack = dict(steps=steps, lr=0.1, batch=batch)
+    embedding_attack(pipe.unet, pipe.scheduler, latents[:1], starts[:1], **{**attack, "steps": 1},
+                     generator=gens([0]))  # warm-up (first-call allocations) outside both timings
+    batched, t_batched = timed(lambda: embedding_attack(pipe.unet, pipe.scheduler, latents, starts, **attack,
+                                                        generator=gens(range(n)))[0])
+    single, t_single = timed(lambda: torch.cat([embedding_attack(pipe.unet, pipe.scheduler, latents[i:i + 1],
+                                                                 starts[i:i + 1], **attack,
+                                                                 generator=gens([i]))[0] for i in range(n)]))
+    samples = n * batch * steps
+    out = {"prompts": n, "steps": steps, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
+           "batched": {"seconds": round(t_batched, 3), "samples_per_s": round(samples / t_batched, 2),
+                       "samples_per_forward": n * batch},
+           "one_at_a_time": {"seconds": round(t_single, 3), "samples_per_s": round(samples / t_single, 2),
+                             "samples_per_forward": batch},
+           "speedup": round(t_single / t_batched, 3),
+           "max_abs_diff": float((batched.cpu() - single.cpu()).abs().max())}
+    log(f"attack one prompt at a time: {out['one_at_a_time']['samples_per_s']:.1f} samples/s "
+        f"({t_single:.2f} s, {batch} samples per forward)")
+    log(f"attack batched:              {out['batched']['samples_per_s']:.1f} samples/s "
+        f"({t_batched:.2f} s, {n * batch} samples per forward)")
+    log(f"audit speed-up {out['speedup']:.2f}x ({n} prompts, {steps} Adam steps, batch {batch}, "
+        f"{out['threads']} threads); batched vs one-at-a-time embeddings max|diff| {out['max_abs_diff']:.1e}")
+    return out
+
+
+def memorizer_scan_captions(folder: Path = MEMORIZER) -> list[dict]:
+    """The memorizer's 134 captions for `harden scan`: prompts.jsonl (8 memorized, 116 ordinary training captions)
+    and the 10 held-out procedural captions of harden_zoo.json, each {"caption", "memorized"}."""
+    from .zoo.folder import load_config
+
+    rows = [{"caption": r["caption"], "memorized": bool(r["memorized"])} for r in caption_rows(folder)]
+    return rows + [{"caption": c, "memorized": False} for c in load_config(folder)["held_out"]]
+
+
+SCAN_CONFIGS = (("wen", ("wen",)), ("wen+attn", ("wen", "attn")), ("nemo", ("nemo",)))  # wen: 1 seed
+
+
+def scan_throughput(model: str, n_captions: int, device, batch_size: int = 64, latent_size: int = 32,
+                    nemo_seeds: int = 10, folder: Path = MEMORIZER, log=print) -> dict:
+    """Captions/s of `harden scan`'s scores: wen (1 seed, first step), wen + attn (same forward), nemo (`nemo_seeds`).
+
+    memorizer: the shipped model and its 134 captions, text encoding included. sd14-random: an SD-v1.4-shaped UNet
+    (random weights, fp16 on CUDA) at `latent_size` latents with random CLIP-sized embeddings (UNet only; the
+    text encoder's rate is `--calib-prompts`'). One untimed caption first (first-call allocations)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    device = torch.device(device)
+    if model == "memorizer":
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None).to(device)
+        captions = [r["caption"] for r in memorizer_scan_captions(folder)]
+        captions = captions[:n_captions] if n_captions else captions
+        unet, config = pipe.unet, pipe.scheduler.config
+        uncond = encode(pipe, [""])
+
+        def embed(texts):
+            return encode(pipe, texts)
+        name = f"memorizer ({folder}), {len(captions)} captions, text encoding included"
+    elif model == "sd14-random":
+        torch.manual_seed(0)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        unet = UNet2DConditionModel(sample_size=latent_size, **SD14).to(device, dtype).eval()
+        config = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                               set_alpha_to_one=False, steps_offset=1).config
+        g = torch.Generator().manual_seed(1)
+        n = n_captions or (256 if device.type == "cuda" else 8)
+        captions = list(range(n))
+        table = torch.randn(n, 77, 768, generator=g)
+        uncond = torch.randn(1, 77, 768, generator=g)
+
+        def embed(indices):
+            return table[list(indices)]
+        name = (f"sd14-random ({latent_size}x{latent_size} latents, {dtype}), {n} captions, random embeddings "
+                "(UNet only)")
+    else:
+        raise BadInputError(f"--model {model!r}: the scan workload runs on memorizer or sd14-random")
+    log(f"bench: scan on {name}, {device}, batch {batch_size} samples per forward, torch threads "
+        f"{torch.get_num_threads()}")
+    out = {"model": model, "name": name, "device": str(device), "captions": len(captions), "batch_size": batch_size,
+           "threads": torch.get_num_threads(), "scores": {}}
+    for label, scores in SCAN_CONFIGS:
+        seeds = nemo_seeds if scores == ("nemo",) else 1
+        settings = ScanSettings(scores=scores, primary=scores[0], seeds=1, nemo_seeds=nemo_seeds,
+                                batch_size=batch_size)
+        scorer = CaptionScorer(unet, config, uncond, settings)
+        scorer.score(embed(captions[:1]))  # warm-up
+        scorer.unet_forwards = 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for i in range(0, len(captions), 256):  # text encoding in batches of 256, as the scan
+            scorer.score(embed(captions[i:i + 256]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        rate = len(captions) / seconds
+        out["scores"][label] = {"seconds": round(seconds, 3), "captions_per_s": float(f"{rate:.4g}"),
+                                "cpu_seconds": round(cpu, 3), "unet_forwards": scorer.unet_forwards,
+                                "seeds": seeds}
+        log(f"scan {label:9s} {len(captions)} captions in {seconds:.2f} s = {rate:.3g} captions/s "
+            f"({cpu:.2f} s of CPU time: on a shared CPU, wall time is the larger; {scorer.unet_forwards} UNet "
+            f"forwards, {seeds} seed(s))")
     return out

@@ -131,7 +131,9 @@ def _context(folder: Path, report: dict, base_id, is_hub_id: bool, revision, lic
     verification = (report.get("verification") or {}).get("rows") or []
     has_control = any(r.get("control") is not None for r in verification)
     has_exact = any(r.get("exact_mode") is not None for r in verification)  # fast mode's comparison
+    has_pruned = any(r.get("pruned") is not None for r in verification)  # repair ran: the pruned-only column
     vrows = [{"metric": _fmt(r.get("metric")), "before": _fmt(r.get("before")), "after": _fmt(r.get("after")),
+              "pruned": _fmt(r.get("pruned")),
               "control": _fmt(r.get("control")), "exact_mode": _fmt(r.get("exact_mode")),
               "better": _fmt(r.get("better"))} for r in verification]
 
@@ -169,11 +171,26 @@ def _context(folder: Path, report: dict, base_id, is_hub_id: bool, revision, lic
         "verification_rows": vrows,
         "has_control": has_control,
         "has_exact": has_exact,
+        "has_pruned": has_pruned,
+        "repair": _repair(report.get("repair")),
         "mode_rows": _mode_rows((report.get("localization") or {}).get("compare")),
         "gates": gates,
         "outcome": outcome,
         "audit": _audit(folder, report),
     }
+
+
+def _repair(repair: dict | None) -> dict | None:
+    """What the card says about adversarial repair (harden.stages.repair), when it ran."""
+    if not repair or repair.get("skipped"):
+        return None
+    settings = repair.get("settings") or {}
+    return {"steps": repair.get("steps"), "optimizer": settings.get("optimizer"), "lr": _fmt(settings.get("lr")),
+            "adv_weight": _fmt(settings.get("adv_weight")), "teacher": settings.get("teacher"),
+            "retain": "user image-caption pairs" if settings.get("retain") else
+            f"distillation towards the {settings.get('teacher')} model on its own generations",
+            "train": settings.get("train"), "stopped_early": repair.get("stopped_early"),
+            "minutes": _fmt((repair.get("seconds") or 0) / 60)}
 
 
 AUDIT_METRICS = (("prompt", "memorized images reproduced from their prompts"),
@@ -217,15 +234,17 @@ def _audit(folder: Path, report: dict) -> dict | None:
             for condition, name in AUDIT_METRICS]
     n, k, p = hard["n"], hard["attack_reproduced"], hard["prompt_reproduced"]
     gate = next((g for g in report.get("gates") or [] if g.get("name") == "attack_reproduced_fraction"), None)
-    if gate is not None and gate.get("passed"):
-        verdict = (f"The audited memorized images were **removed**: the embedding attack recovers {k} of {n} "
-                   f"(gate {gate.get('op')} {_fmt(gate.get('threshold'))} passed).")
-    elif p == 0:
-        verdict = (f"The memorized images are no longer reproduced from the listed prompts; recoverable by an "
-                   f"embedding attack for {k} of {n}.")
+    passed = gate is not None and gate.get("passed")
+    if passed and k == 0 and p == 0 and not hard.get("inconclusive"):
+        verdict = (f"The {n} audited memorized images were **removed**: neither their prompts nor the embedding "
+                   f"attack bring any of them back (attack gate {gate.get('op')} {_fmt(gate.get('threshold'))} "
+                   "passed).")
     else:
-        verdict = (f"{p} of {n} memorized images are still reproduced from the listed prompts; recoverable by an "
-                   f"embedding attack for {k} of {n}.")
+        start = ("The memorized images are no longer reproduced from the listed prompts" if p == 0 else
+                 f"{p} of {n} memorized images are still reproduced from the listed prompts")
+        verdict = f"{start}; recoverable by an embedding attack for {k} of {n}."
+        if passed:
+            verdict += f" (The release gate allows this: attack share {gate.get('op')} {_fmt(gate.get('threshold'))}.)"
     notes = []
     if hard.get("inconclusive"):
         notes.append(f"The audit is **inconclusive**: the same attack also painted {hard['control_reproduced']} of "

@@ -11,9 +11,10 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from ..bench import (MEMORIZER, MODES, calibration_throughput, memorizer_workload, planted_workload, repeat_modes,
-                     run_modes, sd14_workload)
+from ..bench import (MEMORIZER, MODES, attack_throughput, calibration_throughput, memorizer_workload,
+                     planted_workload, repeat_modes, run_modes, scan_throughput, sd14_workload)
 from ..errors import BadInputError
+from ..repair.memory import OPTIMIZER_STATE, repair_throughput
 from .ui import failing_as_one_line, quiet_libraries
 
 
@@ -45,8 +46,21 @@ def bench_command(
     parallel_prompts: Annotated[Optional[int], typer.Option(
         "--parallel-prompts", min=1, help="Exact and fast mode: prompts searched side by side, sharing forwards "
         "(default: as many as fill a forward; 1: one at a time).")] = None,
+    workload: Annotated[str, typer.Option("--workload", help="localize (the modes above), audit (the embedding "
+                                          "attack on the memorizer: all prompts batched vs one at a time) or scan "
+                                          "(harden scan's captions/s; memorizer or sd14-random) or repair "
+                                          "(repair's training steps/s and memory).")]
+    = "localize",
+    attack_steps: Annotated[int, typer.Option("--attack-steps", min=1, help="audit: Adam steps timed per "
+                                              "attack (the audit runs 50).")] = 10,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Run the modes N times, interleaved (rotated order "
                                         "per round); report the median speed-up and its spread.")] = 1,
+    repair_steps: Annotated[int, typer.Option("--repair-steps", min=1, help="repair: training steps timed.")] = 10,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="repair: adamw, adam, sgd or adafactor.")] = "adamw",
+    checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="repair: recompute activations in "
+                                                "backward.")] = False,
+    memory_sizes: Annotated[str, typer.Option("--memory-sizes", help="repair: latent sides at which to measure saved "
+                                              "activations for the memory model, e.g. 8,16,24 (empty: skip).")] = "",
 ):
     """Time localization in the official order, exact mode and fast mode on the same prompts; print speed-ups."""
     quiet_libraries()
@@ -55,6 +69,30 @@ def bench_command(
     with failing_as_one_line():
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
+        if workload not in ("localize", "audit", "scan", "repair"):
+            raise BadInputError(f"--workload {workload!r} is not localize, audit, scan or repair")
+        if workload == "repair":  # steps/s and peak memory of repair's training loop; the memory model
+            if model not in ("memorizer", "sd14-random") or optimizer not in OPTIMIZER_STATE:
+                raise BadInputError(f"--workload repair runs on memorizer or sd14-random with one of "
+                                    f"{', '.join(OPTIMIZER_STATE)}")
+            sizes = tuple(int(v) for v in memory_sizes.split(",") if v.strip())
+            report = {"workload": "repair", **repair_throughput(
+                model, steps=repair_steps, batch=batch_size or 32, latent_size=latent_size, optimizer=optimizer,
+                device=dev, checkpointing=checkpointing, measure_sizes=sizes, memorizer=model_dir or MEMORIZER,
+                log=typer.echo)}
+            _write_json(json_path, report)
+            return
+        if workload == "scan":  # captions/s of harden scan's scores (wen: 1 seed; nemo: --seeds)
+            report = {"workload": "scan", **scan_throughput(model, prompts, dev, batch_size or 64, latent_size, seeds,
+                                                            model_dir or MEMORIZER, log=typer.echo)}
+            _write_json(json_path, report)
+            return
+        if workload == "audit":
+            typer.echo(f"bench: audit attack on the memorizer on {dev}, torch threads {torch.get_num_threads()}")
+            report = {"workload": "audit", **attack_throughput(model_dir or MEMORIZER, prompts, attack_steps,
+                                                               device=dev, log=typer.echo)}
+            _write_json(json_path, report)
+            return
         chosen = [m.strip() for m in modes.split(",") if m.strip()]
         if not chosen or set(chosen) - set(MODES):
             raise BadInputError(f"--modes {modes!r}: choose from {', '.join(MODES)}")
@@ -92,6 +130,10 @@ def bench_command(
                                                                                                    **options))
         if calib_prompts:
             report["calibration"] = calibration_throughput(calib_prompts, dev, log=typer.echo)
+    _write_json(json_path, report)
+
+
+def _write_json(json_path: Optional[Path], report: dict) -> None:
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))

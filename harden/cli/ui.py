@@ -129,7 +129,11 @@ class RichUI:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
             task = progress.add_task(name, total=total)
-            yield lambda n=1: progress.advance(task, n)
+
+            def advance(n: int = 1, note: str | None = None) -> None:
+                progress.update(task, advance=n, **({"description": f"{name} ({note})"} if note else {}))
+
+            yield advance
 
     def log(self, message: str) -> None:
         self.console.print(scrub(message), highlight=False, markup=False)
