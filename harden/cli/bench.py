@@ -52,7 +52,7 @@ def bench_command(
                                           "(repair's training steps/s and memory).")]
     = "localize",
     attack_steps: Annotated[int, typer.Option("--attack-steps", min=1, help="audit: Adam steps timed per "
-                                              "attack (the audit runs 50).")] = 10,
+                                              "attack (the audit runs 50); repair: steps per attack refresh.")] = 10,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Run the modes N times, interleaved (rotated order "
                                         "per round); report the median speed-up and its spread.")] = 1,
     repair_steps: Annotated[int, typer.Option("--repair-steps", min=1, help="repair: training steps timed.")] = 10,
@@ -79,7 +79,7 @@ def bench_command(
             report = {"workload": "repair", **repair_throughput(
                 model, steps=repair_steps, batch=batch_size or 32, latent_size=latent_size, optimizer=optimizer,
                 device=dev, checkpointing=checkpointing, measure_sizes=sizes, memorizer=model_dir or MEMORIZER,
-                log=typer.echo)}
+                prompts=prompts or (8 if model == "memorizer" else 1), attack_steps=attack_steps, log=typer.echo)}
             _write_json(json_path, report)
             return
         if workload == "scan":  # captions/s of harden scan's scores (wen: 1 seed; nemo: --seeds)

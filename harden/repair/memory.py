@@ -103,12 +103,13 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def repair_throughput(model: str, *, steps: int, batch: int, latent_size: int, optimizer: str, device: torch.device,
-                      checkpointing: bool = False, autocast: str = "auto", prompts: int = 8,
+                      checkpointing: bool = False, autocast: str = "auto", prompts: int = 8, attack_steps: int = 10,
                       measure_sizes: tuple[int, ...] = (), memorizer: Path | None = None,
                       log: Callable[[str], None] = print) -> dict:
-    """Time repair's training loop (the real Repairer: one refresh of the batched attacks every 10 steps, retain +
-    adversarial samples in one forward) on the shipped memorizer or an SD-v1.4-shaped random UNet; with
-    `measure_sizes`, also measure saved activations at those latent sides and print the memory model."""
+    """Time repair's training loop (the real Repairer: a refresh of the batched attacks, `attack_steps` Adam steps,
+    every 10 steps; retain + adversarial samples in one forward) on the shipped memorizer or an SD-v1.4-shaped
+    random UNet; with `measure_sizes`, also measure saved activations at those latent sides and print the memory
+    model."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -146,14 +147,15 @@ def repair_throughput(model: str, *, steps: int, batch: int, latent_size: int, o
     adv = [AdvPrompt(k, "training", torch.randn(4, latent_size, latent_size, generator=g), latents[k % 8],
                      torch.randn(2, tokens, dim, generator=g), 0, 0.0, "prompt") for k in range(prompts)]
     settings = RepairSection(enabled=True, steps=steps + 1, optimizer=optimizer, batch=batch, adv_batch=batch,
-                             refresh_every=10, refresh_steps=10, attack_steps=10, attack_batch=4, restarts=1,
+                             refresh_every=10, refresh_steps=attack_steps, attack_steps=attack_steps, attack_batch=4,
+                             restarts=1,
                              restart_every=0, probe_every=0, checkpoint_every=10**9,
                              gradient_checkpointing=checkpointing, autocast=autocast)
     trainer = Repairer(unet, scheduler, Structure.of(unet, NeuronSet({}), "all"), Prepared(adv, pool, captions,
                                                                                            captions[:1]),
                        settings, seed=0)
     unet.train()
-    trainer.restart_attacks()  # the initial attack (10 steps) is timed apart
+    trainer.restart_attacks()  # the initial attack is timed apart
     trainer.train_step()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -25,7 +25,7 @@ def sample_latents(pipe, unet, embeds: torch.Tensor, seeds: Sequence[int], steps
     pairs = [(i, int(s)) for i in range(len(embeds)) for s in seeds]
     per_call = per_call or images_per_call(pipe, None, None)
     device = pipe.device
-    dtype = next(pipe.unet.parameters()).dtype
+    dtype = next(unet.parameters()).dtype  # repair trains an fp32 copy inside a half-precision pipeline
     uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]).to(device, dtype)
     out = []
     with swapped_unet(pipe, unet):

@@ -100,7 +100,8 @@ def repair(run: Run) -> None:
         run.ui.log("repair: skipped: no memorized prompt was detected, so there is nothing to repair")
         return
     neurons = read_neurons(run.folder.file("localize", "neurons.json"))
-    start = prune_dense(run.pipe.unet, neurons)
+    dtype = next(run.pipe.unet.parameters()).dtype
+    start = prune_dense(run.pipe.unet, neurons).float()  # fp32 master weights; `autocast` runs the math in half
     check_repairable(start)
     structure = Structure.of(start, neurons, r.train)
     teacher = run.pipe.unet if r.teacher == "base" else copy.deepcopy(start).eval()
@@ -126,6 +127,7 @@ def repair(run: Run) -> None:
     broken = structure.violations(start)
     if broken:
         raise HardenError(f"repair moved pruned rows away from zero ({broken[0]})", "this is a bug in harden")
+    start = start.to(dtype)  # released in the base model's dtype
     for layout in run.recipe.export.layouts:
         unet = start if layout == "dense" else prune_compact(start, neurons)
         save_tensors_atomic(weights_file(run.folder.file("repair"), layout), unet.state_dict())
