@@ -317,9 +317,9 @@ class RepairSection(_Strict):
 
     enabled: bool = False
     seed: Seed | None = None  # null: the recipe's top-level seed
-    steps: int = Field(300, ge=1, le=1_000_000)  # optimizer steps at most (early stop may end sooner)
+    steps: int = Field(150, ge=1, le=1_000_000)  # optimizer steps at most (early stop may end sooner)
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"
-    lr: float = Field(5e-4, gt=0.0, le=1e-2)  # above 1e-2 a full fine-tune of a diffusion UNet diverges
+    lr: float = Field(1e-3, gt=0.0, le=1e-2)  # above 1e-2 a full fine-tune of a diffusion UNet diverges
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
@@ -334,7 +334,7 @@ class RepairSection(_Strict):
     retain: PromptSource | None = None
     teacher: Literal["base", "pruned"] = "base"  # whose noise predictions data-free distillation matches
     retain_prompts: int | None = Field(None, ge=1)  # reference prompts generated for distillation (null: all)
-    retain_seeds: int = Field(2, ge=1, le=64)  # generations per reference prompt
+    retain_seeds: int = Field(1, ge=1, le=64)  # generations per reference prompt
     empty_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # retain samples with the empty caption (unconditional)
     pool: int = Field(2048, ge=16)  # distillation samples (x_t, t, caption, teacher output) computed once
     # L_adv: per memorized prompt, the prompt's embedding, `paraphrases` variants, and attack embeddings (1 from the
@@ -355,7 +355,7 @@ class RepairSection(_Strict):
     probe_seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=64)
     stop_at: int = Field(0, ge=0)
     min_steps: int = Field(0, ge=0)  # no early stop before this step
-    checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints (repair/checkpoint-*)
+    checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints (repair/checkpoints/)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more time
     autocast: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA where supported, none on CPU
 
