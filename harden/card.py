@@ -52,7 +52,7 @@ def write_card(folder: Path, report: dict, base_model_dir: Path | None) -> None:
         datasets=base_meta.get("datasets"),
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=_merge_tags(base_meta.get("tags")),
+        tags=_merge_tags(base_meta.get("tags"), repaired=bool(_repair(report.get("repair")))),
         **_model_index(report, hub, EvalResult),
         **extra,
     )
@@ -83,9 +83,10 @@ def _base_card_metadata(base_model_dir: Path | None) -> dict:
     return kept
 
 
-def _merge_tags(base_tags) -> list[str]:
+def _merge_tags(base_tags, repaired: bool) -> list[str]:
     tags = list(base_tags or [])
-    return tags + [t for t in TAGS if t not in tags]
+    ours = TAGS + (["adversarial-fine-tuning"] if repaired else [])
+    return tags + [t for t in ours if t not in tags]
 
 
 def _fmt(value) -> str:

@@ -26,3 +26,14 @@ def planted():
     pipe = tiny_pipeline(seed=0, sample_size=32)
     layer = plant_memorization(pipe, MEMORIZED, REFERENCES)
     return pipe, layer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: their ops are too small to split, and a second thread spins while other
+    processes share the 2 cores. Values do not depend on it. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from harden.generation import generate
 from harden.nemo.stats import encode_prompts
 from harden.stages.context import SilentUI
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (their ops are too small to split; two spin on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

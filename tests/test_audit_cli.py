@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -14,18 +13,11 @@ from typer.testing import CliRunner
 from harden.cli import app
 from harden.recipe import AUDIT_GATES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
 SUMMARY_KEYS = {"n", "prompt_reproduced", "paraphrase_reproduced", "attack_reproduced", "control_reproduced",
                 "control_n", "metric", "threshold", "inconclusive"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (their ops are too small to split; two spin on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _png(path: Path, seed: int, size: int = 16) -> Path:

@@ -17,6 +17,8 @@ from harden.cli import app
 from harden.loading import hub_commit, load_pipeline
 from harden.recipe import ModelSection
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
 NOT_A_PICKLE = b"never downloaded: harden fetches safetensors only"
 
@@ -46,15 +48,6 @@ def folders(tmp_path_factory):
     pickled = root / "pickled"
     pipe.save_pretrained(pickled, safe_serialization=False)
     return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -87,6 +87,7 @@ def test_a_killed_repair_resumes_to_the_uninterrupted_result(localized, tmp_path
         assert report["repair"]["settings"]["lr"] == 1e-3
         card = (whole / f"export/{layout}/README.md").read_text()
         assert "pruned and adversarially fine-tuned" in card and "pruned only" in card
+        assert "- adversarial-fine-tuning" in card.split("---")[1]  # the Hub tag, in the card's metadata
     rows = _json(whole / "verify/verification.json")["rows"]
     assert all(r["pruned"] is not None for r in rows if r["after"] is not None and r["control"] is not None)
 

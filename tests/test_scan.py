@@ -25,6 +25,8 @@ from harden.tiny import MEMORIZED, REFERENCES
 sys.path.insert(0, str(Path(__file__).parent))
 from planted_model import PLANTS, SECOND  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
 ATTN3 = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"  # MemAttn's layer 3 in SD v1's call order
 
@@ -39,15 +41,6 @@ def planted16():
         plant_memorization(pipe, prompt, REFERENCES, layer=layer, neuron=neuron,
                            conv_out_gain=100.0 if i == 0 else 1.0)
     return pipe
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Values do not depend on it; on a shared 2-core machine one thread per process is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

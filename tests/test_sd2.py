@@ -17,16 +17,9 @@ from harden.nemo.score import (NoiseDiffScorer, Prediction, ScoreSettings, detec
 from harden.targets import latent_size, resolve_targets
 from harden.tiny import MEMORIZED, byte_tokenizer, sd2_text_encoder, tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,10 @@ from harden.nemo.stats import compute_stats
 from harden.targets import latent_size, resolve_targets
 from harden.tiny import MEMORIZED, REFERENCES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
 PROMPTS = [MEMORIZED, "a green circle on a black background"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
