@@ -28,6 +28,7 @@ def test_demo_recipe_runs_on_the_shipped_model(tmp_path):
     recipe["reference"]["tau_prompts"] = 12
     recipe["verify"].update(seeds=[0, 1], steps=8, control=False, gates={})
     recipe["audit"]["enabled"] = False  # 3 models x 24 attacks; measured in docs/audit.md, tested in test_audit_cli
+    recipe["repair"]["enabled"] = False  # 450 training steps; measured in docs/repair.md, tested in test_repair*
     recipe["verify"]["held_out"]["prompts"] = recipe["verify"]["held_out"]["prompts"][:3]
     recipe["export"]["layout"] = "compact"
     path = tmp_path / "demo-small.yaml"
