@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,8 +66,14 @@ def workspace(tmp_path_factory):
 
 
 def _harden(args: list, env: dict, faults: dict | None = None, umask: int = 0o027) -> subprocess.CompletedProcess:
+    def child():
+        os.umask(umask)
+        # a suite started in the background (`pytest &`) inherits SIGINT ignored, and Python keeps it so; the child
+        # gets the disposition of a command typed at a terminal, where Ctrl-C reaches it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.run([sys.executable, "-m", "harden", *map(str, args)], env={**env, **(faults or {})},
-                          capture_output=True, text=True, timeout=900, preexec_fn=lambda: os.umask(umask))
+                          capture_output=True, text=True, timeout=900, preexec_fn=child)
 
 
 def _json(path: Path):

@@ -7,6 +7,7 @@ they run (not at start-up), so `harden --help` and argument errors answer withou
 
 from __future__ import annotations
 
+from . import openmp  # noqa: F401  (first: it sets OMP_WAIT_POLICY before anything loads torch)
 from pathlib import Path
 from typing import Annotated, Optional
 
