@@ -2,10 +2,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# idle OpenMP threads sleep instead of spinning: the suite runs subprocesses and worker threads on 2 cores, where
-# spinning threads steal the cores the work needs (docs/repair.md measured a step 14x slower under load)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import harden.cli.openmp  # noqa: E402,F401  (before torch: idle OpenMP threads sleep, as under the `harden` command)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
